@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests never touch the network: the hub is switched off before anything imports it."""
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+FIXTURE_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "minimind_tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> Path:
+    """The tiny random CLIP stand-in (224 px, 16 px patches, 768 wide), written once per machine."""
+    from scripts.make_tiny_clip import make_clip
+    from model import TINY_CLIP
+    return make_clip(TINY_CLIP)
+
+
+@pytest.fixture(scope="session")
+def fixture_tokenizer_path() -> Path:
+    if not (FIXTURE_TOKENIZER / "tokenizer.json").exists():
+        pytest.skip("published tokenizer fixture (../shared/fixtures/minimind_tokenizer) is absent")
+    return FIXTURE_TOKENIZER
