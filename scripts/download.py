@@ -1,0 +1,109 @@
+"""Fetch the real things from the Hugging Face hub into the paths every script uses by default.
+
+    python scripts/download.py                      # CLIP, tokenizer, 512 weights and both datasets
+    python scripts/download.py clip tokenizer       # just some of them
+    python scripts/download.py weights --hidden_size 768
+    python scripts/download.py --endpoint https://hf-mirror.com   # a mirror (or set HF_ENDPOINT)
+
+What goes where:
+    clip       openai/clip-vit-base-patch16          -> model/vision_model/clip-vit-base-patch16/
+    tokenizer  jingyaogong/MiniMind2-V (tokenizer)   -> model/minimind_tokenizer/
+    weights    jingyaogong/MiniMind2-V-PyTorch       -> out/*_{hidden}.pth (llm_, pretrain_vlm_, sft_vlm_)
+    data       jingyaogong/minimind-v_dataset        -> dataset/pretrain_data.parquet, dataset/sft_data.parquet
+
+Downloads show progress, resume where they stopped, and skip files already complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import DATA_DIR, DEFAULT_CLIP, DEFAULT_TOKENIZER, OUT_DIR
+
+
+@dataclass(frozen=True)
+class Item:
+    repo_id: str
+    repo_type: str
+    patterns: tuple[str, ...]
+    local_dir: Path
+    required: tuple[str, ...]  # what must be there afterwards, else the download failed
+
+
+def items(hidden_size: int, data_files: list[str]) -> dict[str, Item]:
+    h = hidden_size
+    return {
+        "clip": Item("openai/clip-vit-base-patch16", "model",
+                     ("config.json", "preprocessor_config.json", "model.safetensors"), DEFAULT_CLIP,
+                     ("config.json", "model.safetensors")),
+        "tokenizer": Item("jingyaogong/MiniMind2-V", "model", ("tokenizer.json", "tokenizer_config.json"),
+                          DEFAULT_TOKENIZER, ("tokenizer.json", "tokenizer_config.json")),
+        "weights": Item("jingyaogong/MiniMind2-V-PyTorch", "model", (f"*_{h}.pth", f"*_{h}_moe.pth"), OUT_DIR,
+                        (f"llm_{h}.pth",)),
+        "data": Item("jingyaogong/minimind-v_dataset", "dataset", tuple(data_files), DATA_DIR, tuple(data_files)),
+    }
+
+
+class HubUnreachable(RuntimeError):
+    pass
+
+
+def fetch(item: Item, endpoint: str | None = None) -> list[Path]:
+    """Download one item's files (resumable, with progress) and check the expected ones arrived."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        snapshot_download(repo_id=item.repo_id, repo_type=item.repo_type, allow_patterns=list(item.patterns),
+                          local_dir=item.local_dir, endpoint=endpoint)
+    except RepositoryNotFoundError as e:
+        raise HubUnreachable(f"{item.repo_id} was not found on {where} ({e.__class__.__name__})") from e
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        offline = " HF_HUB_OFFLINE is set: unset it to download." if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise HubUnreachable(
+            f"could not download {item.repo_id} from {where}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
+            f"  Check your connection, or use a mirror: --endpoint https://hf-mirror.com (or HF_ENDPOINT).{offline}\n"
+            f"  Offline, `python scripts/quickstart.py` trains on synthetic data with a stand-in CLIP instead."
+        ) from e
+    missing = [f for f in item.required if not (item.local_dir / f).is_file()]
+    if missing:
+        present = sorted(p.name for p in item.local_dir.glob("*") if p.is_file())
+        raise HubUnreachable(f"{item.repo_id} did not provide {missing}; {item.local_dir} now holds {present}")
+    return sorted(p for pat in item.patterns for p in item.local_dir.glob(pat))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="*", help="any of: clip tokenizer weights data (default: all)")
+    ap.add_argument("--hidden_size", type=int, default=512, choices=[512, 768],
+                    help="which published weights: 512 (MiniMind2-Small-V, 26M) or 768 (MiniMind2-V, 104M)")
+    ap.add_argument("--data_files", nargs="+", default=["pretrain_data.parquet", "sft_data.parquet"],
+                    help="dataset files to fetch")
+    ap.add_argument("--endpoint", default=None, help="hub endpoint or mirror, e.g. https://hf-mirror.com")
+    args = ap.parse_args(argv)
+    table = items(args.hidden_size, args.data_files)
+    chosen = args.what or list(table)
+    unknown = [w for w in chosen if w not in table]
+    if unknown:
+        ap.error(f"unknown item(s) {unknown}: choose from {list(table)}")
+    for name in chosen:
+        item = table[name]
+        print(f"[{name}] {item.repo_id} -> {item.local_dir}", flush=True)
+        try:
+            files = fetch(item, args.endpoint)
+        except HubUnreachable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for f in files:
+            print(f"  {f} ({f.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
