@@ -1,0 +1,73 @@
+"""Draw loss curves from the trainer's metrics logs (JSON lines with at least `step` and `loss`).
+
+    python scripts/plot_metrics.py out/pretrain_vlm_512_metrics.jsonl out/sft_vlm_512_metrics.jsonl -o loss.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import resolve
+
+
+def read_metrics(path: str | Path) -> tuple[list[float], list[float]]:
+    """(steps, losses) from a JSON-lines log; lines without a loss (summaries) and torn last lines are skipped."""
+    steps, losses = [], []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a run killed mid-write leaves a partial last line
+        if isinstance(rec, dict) and "loss" in rec and "step" in rec:
+            steps.append(float(rec["step"]))
+            losses.append(float(rec["loss"]))
+    return steps, losses
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (window 1 = raw)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot(logs: list[Path], out: Path, labels: list[str] | None = None, window: int = 10) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.6), squeeze=False)
+    for ax, log, label in zip(axes[0], logs, labels or [p.stem.removesuffix("_metrics") for p in logs]):
+        steps, losses = read_metrics(log)
+        if not steps:
+            raise ValueError(f"{log} holds no step/loss records: is it a trainer metrics log?")
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
+        ax.plot(steps, smooth(losses, window), color="tab:blue", linewidth=1.8, label=f"mean of {window}")
+        ax.set(title=label, xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("logs", nargs="+", help="metrics .jsonl files, one panel each")
+    ap.add_argument("-o", "--out", default="loss.png", help="output PNG")
+    ap.add_argument("--labels", nargs="*", default=None, help="panel titles (default: file names)")
+    ap.add_argument("--window", type=int, default=10, help="moving-average window")
+    args = ap.parse_args()
+    print(plot([resolve(p) for p in args.logs], Path(args.out), args.labels, args.window))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""scripts/plot_metrics.py: reading trainer logs (torn lines, summaries) and drawing a PNG."""
+import json
+
+import pytest
+
+from scripts.plot_metrics import plot, read_metrics, smooth
+
+
+def write_log(path, n=30):
+    lines = [json.dumps({"step": i, "loss": 5.0 - 0.1 * i, "lr": 1e-3}) for i in range(1, n + 1)]
+    lines.append(json.dumps({"summary": True, "seconds": 12.0}))
+    path.write_text("\n".join(lines) + '\n{"step": 31, "lo')  # killed mid-write
+    return path
+
+
+def test_read_metrics_skips_summaries_and_torn_lines(tmp_path):
+    steps, losses = read_metrics(write_log(tmp_path / "a.jsonl"))
+    assert steps == list(range(1, 31)) and losses[0] == pytest.approx(4.9)
+
+
+def test_smooth_is_a_trailing_mean():
+    assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    assert smooth([3, 1], 1) == [3, 1]
+
+
+def test_plot_writes_png(tmp_path):
+    out = plot([write_log(tmp_path / "pretrain.jsonl"), write_log(tmp_path / "sft.jsonl")], tmp_path / "p" / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no step/loss records"):
+        plot([tmp_path / "empty.jsonl"], tmp_path / "x.png")
