@@ -1,0 +1,302 @@
+"""MiniMind-V training data: conversations + images -> token ids, labels and pixel tensors.
+
+    conversations JSON --render with the tokenizer's chat template (<image> -> '@' * 196)-->
+    text --tokenize--> input_ids; labels = input_ids on assistant replies (through their closing
+    `<|im_end|>\\n`), -100 elsewhere; images decoded and CLIP-preprocessed in the worker.
+
+Bad rows never crash a run. `__getitem__(i)` serves the first good row at or after i (wrapping),
+so batch shapes and DDP step counts never change; every row it had to skip is logged once (one
+warning line with the file, row and reason) and reported in the item's `skipped` list. The
+collate gathers those into `batch["bad_rows"]`; the trainer feeds batches to a `BadRowStats`
+in the main process and prints its `summary()` at the end of each epoch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from model.model_vlm import PATCHES, image_slots
+
+from .image_processing import load_image, preprocess_image
+from .rows import RowStore
+from .sampler import LengthGroupedSampler  # noqa: F401  (re-exported: the trainer imports it from here)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the parent tokenized
+log = logging.getLogger("minimind.data")
+
+IMAGE_MARKER = "<image>"
+IMAGE_TOKEN = "@" * PATCHES
+IMAGE_ID = 34
+IGNORE = -100
+PAD_ID = 0
+MAX_SKIP = 64  # this many bad rows in a row means the data (not a row) is broken: stop with a clear error
+
+# bad-row kinds, in the order summaries list them
+BAD_KINDS = ("json", "conversation", "image_count", "image_missing", "image_decode", "too_long", "placeholder")
+
+
+class BadRow(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def render_conversation(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False,
+                        image_token: str = IMAGE_TOKEN) -> str:
+    """The chat-template text of `messages`, every `<image>` replaced by the image placeholder."""
+    msgs = [{**m, "content": m["content"].replace(IMAGE_MARKER, image_token)}
+            if isinstance(m.get("content"), str) else m for m in messages]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def parse_conversation(raw: str) -> list[dict]:
+    """The `conversations` JSON string -> validated messages: an optional system message, then
+    user/assistant turns alternating, starting with the user and ending with an assistant reply."""
+    try:
+        conv = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError as e:
+        raise BadRow("json", f"malformed conversations JSON ({e})") from None
+    if not isinstance(conv, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in conv):
+        raise BadRow("json", "conversations is not a list of {role, content} objects")
+    turns = conv[1:] if conv and conv[0]["role"] == "system" else conv
+    if not turns:
+        raise BadRow("conversation", "empty conversation")
+    expected = ["user", "assistant"] * ((len(turns) + 1) // 2)
+    roles = [m["role"] for m in turns]
+    if roles != expected[:len(roles)] or roles[-1] != "assistant":
+        raise BadRow("conversation", f"roles {roles} do not alternate user/assistant ending with an assistant reply")
+    return [{"role": m["role"], "content": m["content"]} for m in conv]
+
+
+def count_markers(messages: list[dict]) -> int:
+    return sum(m["content"].count(IMAGE_MARKER) for m in messages)
+
+
+def token_seq(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def assistant_labels(ids: torch.Tensor, header: Sequence[int], closer: Sequence[int]) -> torch.Tensor:
+    """Labels for a 1-D id tensor: ids on every assistant reply, -100 elsewhere.
+
+    A reply starts right after each `header` (the ids of `<|im_start|>assistant\\n`) and ends with
+    the first `closer` (`<|im_end|>\\n`) after it, closer included; a reply cut by truncation runs
+    to the end. Vectorised: positions are supervised where the last reply start is later than the
+    last closer end.
+    """
+    L = ids.numel()
+
+    def match_ends(seq: Sequence[int]) -> torch.Tensor:
+        """Positions just past each occurrence of `seq` in ids."""
+        n = len(seq)
+        if L < n:
+            return torch.zeros(0, dtype=torch.long)
+        windows = ids.unfold(0, n, 1)
+        return (windows == torch.tensor(seq, dtype=ids.dtype)).all(dim=1).nonzero().flatten() + n
+
+    last_open = torch.full((L,), -1, dtype=torch.long)
+    last_close = torch.full((L,), -1, dtype=torch.long)
+    starts, ends = match_ends(header), match_ends(closer)
+    last_open[starts[starts < L]] = starts[starts < L]
+    last_close[ends[ends < L]] = ends[ends < L]
+    supervised = last_open.cummax(0).values > last_close.cummax(0).values
+    return torch.where(supervised, ids, torch.full_like(ids, IGNORE))
+
+
+def last_slot_end(ids: torch.Tensor) -> tuple[int, int]:
+    """(number of image slots, position just past the last one; 0 when none)."""
+    in_slot, _, patch = image_slots(ids[None], IMAGE_ID, PATCHES)
+    in_slot, patch = in_slot[0], patch[0]
+    n = int((in_slot & (patch == 0)).sum())
+    end = int(in_slot.nonzero().max()) + 1 if n else 0
+    return n, end
+
+
+class VLMDataset(Dataset):
+    """Rows of a MiniMind-V data file (.parquet: `conversations` + `image_bytes`; .jsonl:
+    `conversations` + `image` names under `image_root`) as training items:
+
+        {"input_ids": LongTensor [L], "labels": LongTensor [L], "pixel_values": FloatTensor [N, 3, 224, 224],
+         "index": int (the row served), "skipped": [(row, kind), ...] (bad rows passed over)}
+
+    L <= max_length: text after the last image may be cut, a row whose images do not fit is skipped.
+    """
+
+    def __init__(self, data_path: str | Path, tokenizer: Any, max_length: int = 640,
+                 image_root: str | Path | None = None, cache_dir: str | Path | None = None,
+                 image_special_token: str = IMAGE_TOKEN):
+        self.path = Path(data_path)
+        self.rows = RowStore(self.path, cache_dir)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.image_token = image_special_token
+        self.image_root = Path(image_root) if image_root else self.path.parent / "images"
+        self.header = token_seq(tokenizer, f"{tokenizer.bos_token}assistant\n")
+        self.closer = token_seq(tokenizer, f"{tokenizer.eos_token}\n")
+        self._lengths: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- text ------------------------------------------------------------------------------
+    def encode(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(input_ids, labels, image refs) of row i, truncated; raises BadRow. No image is decoded."""
+        messages = parse_conversation(self.rows.conversations(i))
+        refs = self.rows.images(i)
+        n_markers = count_markers(messages)
+        if n_markers > len(refs):
+            raise BadRow("image_count", f"{n_markers} <image> marker(s) but {len(refs)} image(s)")
+        refs = refs[:n_markers]  # images without a marker have no slot to fill (the original ignored them too)
+        ids = torch.tensor(token_seq(self.tokenizer, render_conversation(
+            self.tokenizer, messages, image_token=self.image_token)), dtype=torch.long)
+        n_slots, slots_end = last_slot_end(ids)
+        if n_slots != n_markers:
+            raise BadRow("placeholder", f"{n_markers} <image> marker(s) gave {n_slots} complete slot(s) of "
+                         f"{PATCHES} id-{IMAGE_ID} tokens (the tokenizer merges '@'? use the MiniMind tokenizer)")
+        if slots_end > self.max_length:
+            raise BadRow("too_long", f"image slot(s) end at token {slots_end} > max_length {self.max_length}")
+        labels = assistant_labels(ids, self.header, self.closer)
+        ids, labels = ids[:self.max_length], labels[:self.max_length]
+        if not bool((labels[1:] != IGNORE).any()):
+            raise BadRow("too_long", f"no assistant token left within max_length {self.max_length}")
+        return ids, labels, refs
+
+    # -- images ----------------------------------------------------------------------------
+    def decode_images(self, refs: list) -> torch.Tensor:
+        tensors = []
+        for ref in refs:
+            src = ref if isinstance(ref, (bytes, bytearray)) else self.image_root / ref
+            try:
+                tensors.append(preprocess_image(load_image(src)))
+            except FileNotFoundError as e:
+                raise BadRow("image_missing", f"{e} (check --image_root)") from None
+            except ValueError as e:
+                raise BadRow("image_decode", str(e)) from None
+        return torch.stack(tensors) if tensors else torch.zeros(0, 3, 224, 224)
+
+    def load(self, i: int) -> dict:
+        """Row i as an item; raises BadRow."""
+        ids, labels, refs = self.encode(i)
+        return {"input_ids": ids, "labels": labels, "pixel_values": self.decode_images(refs), "index": i}
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for k in range(MAX_SKIP):
+            i = (index + k) % len(self)
+            try:
+                item = self.load(i)
+            except BadRow as e:
+                log.warning("%s row %d: skipped (%s): %s", self.path, i, e.kind, e)
+                skipped.append((i, e.kind))
+                continue
+            item["skipped"] = skipped
+            return item
+        raise RuntimeError(f"{self.path}: rows {index}..{index + MAX_SKIP - 1} are all bad "
+                           f"(kinds: {dict(Counter(k for _, k in skipped))}); run scripts/check_data.py {self.path}")
+
+    # -- lengths ---------------------------------------------------------------------------
+    def lengths(self, show_progress: bool = True) -> np.ndarray:
+        """Token length of every row (before truncation; 0 for unparseable rows), from the text
+        only (an image is exactly its 196 placeholder tokens). Cached next to the row cache."""
+        if self._lengths is not None:
+            return self._lengths
+        # keyed by what decides a length: the tokenizer's vocabulary and template, the placeholder
+        key = f"{len(self.tokenizer)}|{self.tokenizer.chat_template}|{self.header}|{self.image_token}"
+        probe = token_seq(self.tokenizer, "The quick brown fox, 42 @ image")
+        cache = self.rows.cache.with_suffix(f".len-{zlib.crc32(f'{key}|{probe}'.encode()):08x}.npy")
+        if cache.exists():
+            self._lengths = np.load(cache)
+            return self._lengths
+        # '@' never merges in the MiniMind tokenizers, so a one-'@' placeholder tokenizes like the
+        # 196-'@' one minus 195 tokens, and tokenizing is ~3x faster
+        short = "@" if self.image_token == "@" * PATCHES and not any(
+            "@" in t and t != "@" for t in self.tokenizer.get_vocab()) else self.image_token
+        per_image = len(token_seq(self.tokenizer, self.image_token)) - len(token_seq(self.tokenizer, short))
+        out = np.zeros(len(self), dtype=np.int32)
+        row = 0
+        with tqdm(total=len(self), desc=f"token lengths of {self.path.name}", unit="row",
+                  disable=not show_progress, leave=False) as bar:
+            for batch in self.rows.iter_conversations():
+                texts, where, markers = [], [], []
+                for j, raw in enumerate(batch):
+                    try:
+                        messages = parse_conversation(raw)
+                    except BadRow:
+                        continue
+                    texts.append(render_conversation(self.tokenizer, messages, image_token=short))
+                    where.append(row + j)
+                    markers.append(count_markers(messages))
+                if texts:
+                    enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                    out[where] = np.array([len(e) for e in enc]) + per_image * np.array(markers)
+                row += len(batch)
+                bar.update(len(batch))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
+        np.save(tmp, out)
+        os.replace(tmp, cache)
+        self._lengths = out
+        return out
+
+
+def collate_fn(items: list[dict]) -> dict:
+    """Pad a list of items to the batch's longest row.
+
+    input_ids [B, T] (pad 0), labels [B, T] (pad -100), attention_mask [B, T] (1 = real token),
+    pixel_values [B, Nmax, 3, 224, 224] zero-padded or None when no row has an image, num_images [B],
+    index [B], bad_rows: list of (row, kind) skipped while building this batch.
+    """
+    B = len(items)
+    T = max(it["input_ids"].numel() for it in items)
+    lens = torch.tensor([it["input_ids"].numel() for it in items])
+    input_ids = torch.full((B, T), PAD_ID, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    attention_mask = (torch.arange(T)[None, :] < lens[:, None]).long()
+    input_ids[attention_mask.bool()] = torch.cat([it["input_ids"] for it in items])
+    labels[attention_mask.bool()] = torch.cat([it["labels"] for it in items])
+    num_images = torch.tensor([it["pixel_values"].shape[0] for it in items], dtype=torch.long)
+    n_max = int(num_images.max()) if B else 0
+    pixel_values = None
+    if n_max:
+        pixel_values = torch.zeros(B, n_max, 3, 224, 224)
+        for b, it in enumerate(items):
+            pixel_values[b, :it["pixel_values"].shape[0]] = it["pixel_values"]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": pixel_values, "num_images": num_images,
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "bad_rows": [s for it in items for s in it.get("skipped", [])]}
+
+
+class BadRowStats:
+    """Main-process tally of the bad rows the loader skipped (fed from `batch["bad_rows"]`)."""
+
+    def __init__(self, name: str = "data"):
+        self.name = name
+        self.rows: dict[int, str] = {}
+
+    def update(self, batch: dict) -> None:
+        self.rows.update(dict(batch.get("bad_rows", [])))
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.rows.values())
+        return {k: c[k] for k in BAD_KINDS if c[k]} | {k: v for k, v in c.items() if k not in BAD_KINDS}
+
+    def summary(self) -> str:
+        c = self.counts()
+        if not c:
+            return f"{self.name}: no bad rows"
+        return f"{self.name}: skipped {sum(c.values())} bad row(s): " + ", ".join(f"{k} {v}" for k, v in c.items())
+
+    def reset(self) -> None:
+        self.rows.clear()
