@@ -1,0 +1,17 @@
+"""MiniMind-V Stage 2, supervised fine-tuning: instruction conversations about images.
+
+Trains everything but the vision encoder (--freeze_llm 0) from the pretrain weights (--from_weight pretrain_vlm).
+
+    python trainer/train_sft_vlm.py [flags]                        one GPU, or the CPU
+    torchrun --nproc_per_node N trainer/train_sft_vlm.py [flags]   DDP
+Every flag and its default: --help. The loop itself is trainer/train_loop.py.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.train_loop import main  # noqa: E402
+
+if __name__ == "__main__":
+    main("sft")
