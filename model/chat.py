@@ -1,0 +1,90 @@
+"""From a chat (messages with `<image>` markers + images) to model inputs, and back to streamed text.
+
+The one place where eval_vlm.py, web_demo.py and the API server turn user input into a prompt:
+the chat template (dataset.lm_dataset.render_conversation), CLIP preprocessing
+(dataset.image_processing) and the fast generation loop (model.generate.stream_text).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from dataset.image_processing import load_image, preprocess_image
+from dataset.lm_dataset import render_conversation
+
+from .generate import stream_text
+
+IMAGE_MARKER = "<image>"
+# SPEC §6: the published scripts' default image-description prompt.
+DEFAULT_PROMPT = "仔细看一下这张图：\n\n<image>\n\n描述一下这个图像的内容。"
+MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300: bigger uploads are refused, not decoded
+MAX_IMAGES = 8
+
+
+class ChatInputError(ValueError):
+    """A user mistake in a request (no prompt, bad image, marker/image mismatch): shown, never raised through."""
+
+
+def with_image_markers(prompt: str, n_images: int) -> str:
+    """Put one `<image>` per image in front of a prompt that has none; keep the user's own markers."""
+    if IMAGE_MARKER in prompt or n_images == 0:
+        return prompt
+    return "\n".join([IMAGE_MARKER] * n_images) + "\n" + prompt
+
+
+def open_image(src: bytes | str, name: str = "image") -> Any:
+    """Decode an upload (bytes or path) into an RGB PIL image, with user-facing errors."""
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL refuses (DecompressionBombError) bigger images
+    try:
+        img = load_image(src)
+    except FileNotFoundError as e:
+        raise ChatInputError(str(e)) from None
+    except ValueError as e:
+        msg = str(e)
+        if "decompression bomb" in msg.lower() or "exceeds limit" in msg.lower():
+            raise ChatInputError(f"{name} is too large (limit {MAX_IMAGE_PIXELS // 1_000_000} megapixels)") from None
+        raise ChatInputError(f"{name} is not an image this demo can read ({msg})") from None
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ChatInputError(f"{name} is too large (limit {MAX_IMAGE_PIXELS // 1_000_000} megapixels)")
+    return img
+
+
+def build_inputs(tokenizer: Any, messages: list[dict], images: list, image_token: str
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """messages (roles user/assistant/system, `<image>` markers in the text) + PIL images in marker
+    order -> (input_ids [1, T], pixel_values [1, N, 3, 224, 224] or None), with the generation prompt."""
+    if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise ChatInputError("the prompt is empty: type a question")
+    n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    if n_markers != len(images):
+        raise ChatInputError(f"the conversation has {n_markers} <image> marker(s) but {len(images)} image(s)")
+    if len(images) > MAX_IMAGES:
+        raise ChatInputError(f"at most {MAX_IMAGES} images per conversation (got {len(images)})")
+    text = render_conversation(tokenizer, messages, add_generation_prompt=True, image_token=image_token)
+    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    pixel_values = torch.stack([preprocess_image(im) for im in images])[None] if images else None
+    return input_ids, pixel_values
+
+
+def answer(model: Any, tokenizer: Any, messages: list[dict], images: list, max_new_tokens: int = 512,
+           temperature: float = 0.65, top_p: float = 0.85, repetition_penalty: float = 1.0,
+           stats: dict | None = None) -> Iterator[str]:
+    """Stream the assistant's reply to `messages` as text pieces. `stats` (optional dict) receives
+    prompt_tokens, new_tokens, ttft_s (vision encoder + prefill + first token) and seconds."""
+    input_ids, pixel_values = build_inputs(tokenizer, messages, images, model.config.image_special_token)
+    stats = stats if stats is not None else {}
+    stats.update(prompt_tokens=input_ids.shape[1], new_tokens=0)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(model.dtype)
+    start = time.perf_counter()
+    for i, piece in enumerate(stream_text(model, tokenizer, input_ids, pixel_values, max_new_tokens,
+                                          temperature, top_p, repetition_penalty, stats=stats)):
+        if i == 0:
+            stats["ttft_s"] = time.perf_counter() - start
+        stats["seconds"] = time.perf_counter() - start
+        yield piece
+    stats["seconds"] = time.perf_counter() - start

@@ -1,0 +1,124 @@
+"""Model selection shared by every inference entry point (eval_vlm.py, web_demo.py, the API server).
+
+`--load_from model` builds a MiniMindVLM and strictly loads the native weight file
+`{save_dir}/{weight}_{hidden}{_moe}.pth`; any other value is a transformers-format folder written by
+`scripts/convert_vlm.py` (or downloaded). The CLIP vision tower is never part of the weights: it
+always comes from `--vision_model_path`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from . import DEFAULT_CLIP, DEFAULT_TOKENIZER, resolve
+from .model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
+from .weights import load_weights, weight_path
+
+log = logging.getLogger("minimind")
+
+
+class ModelLoadError(RuntimeError):
+    """A user-fixable problem (missing file, wrong sizes); entry points print it without a traceback."""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("model")
+    g.add_argument("--load_from", default="model",
+                   help="'model': native .pth chosen by --save_dir/--weight/--hidden_size/--num_hidden_layers/"
+                        "--use_moe; otherwise a transformers-format folder (scripts/convert_vlm.py)")
+    g.add_argument("--save_dir", default="out", help="folder of .pth weights (relative: cwd, else repo root)")
+    g.add_argument("--weight", default="sft_vlm", help="weight name prefix, e.g. sft_vlm, pretrain_vlm")
+    g.add_argument("--hidden_size", type=int, default=512)
+    g.add_argument("--num_hidden_layers", type=int, default=8)
+    g.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    g.add_argument("--vision_model_path", default=str(DEFAULT_CLIP), help="CLIP ViT-B/16 folder")
+    g.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER),
+                   help="tokenizer folder (for a transformers folder its own tokenizer is used when present)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def pick_dtype(device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU (the original's unconditional .half() broke CPU); bf16 on CUDA where supported, else fp16."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def native_weight_file(args: argparse.Namespace) -> Path:
+    return resolve(weight_path(args.save_dir, args.weight, args.hidden_size, bool(args.use_moe)))
+
+
+def list_weight_files(save_dir: str | Path) -> list[Path]:
+    """Every `.pth` weight file directly in save_dir, newest first (resume files excluded)."""
+    folder = resolve(save_dir)
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.glob("*.pth") if "resume" not in p.name]
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def parse_weight_name(path: str | Path) -> dict:
+    """`sft_vlm_512_moe.pth` -> {"weight": "sft_vlm", "hidden_size": 512, "use_moe": 1}, or {} when the
+    name does not follow the published naming."""
+    parts = Path(path).stem.split("_")
+    use_moe = parts[-1] == "moe"
+    if use_moe:
+        parts = parts[:-1]
+    if len(parts) < 2 or not parts[-1].isdigit():
+        return {}
+    return {"weight": "_".join(parts[:-1]), "hidden_size": int(parts[-1]), "use_moe": int(use_moe)}
+
+
+def _tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+    path = resolve(path)
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        raise ModelLoadError(
+            f"no tokenizer at {path}: run `python scripts/download.py` for the published MiniMind tokenizer, "
+            f"or pass --tokenizer_path model/tokenizer for the project's own")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
+    """(model in eval mode on args.device, tokenizer) as selected by the add_model_args flags."""
+    device = torch.device(args.device)
+    dtype = pick_dtype(device)
+    if args.load_from == "model":
+        path = native_weight_file(args)
+        if not path.is_file():
+            found = ", ".join(p.name for p in list_weight_files(args.save_dir)) or "none"
+            raise ModelLoadError(
+                f"weight file not found: {path} (weight files in {resolve(args.save_dir)}: {found}).\n"
+                f"  Download the published ones with `python scripts/download.py`, train your own, or pick "
+                f"another with --save_dir/--weight/--hidden_size/--use_moe.")
+        config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                           use_moe=bool(args.use_moe))
+        model = MiniMindVLM(config)
+        try:
+            load_weights(model, path)
+        except RuntimeError as e:  # WeightMismatchError: wrong sizes for this file
+            raise ModelLoadError(str(e)) from None
+        tokenizer = _tokenizer(args.tokenizer_path)
+    else:
+        folder = resolve(args.load_from)
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(f"--load_from {args.load_from}: no transformers model folder at {folder} "
+                                 f"(use 'model' for a .pth, or write a folder with scripts/convert_vlm.py)")
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32)
+        has_tok = (folder / "tokenizer.json").exists()
+        tokenizer = _tokenizer(folder if has_tok else args.tokenizer_path)
+    # The vision tower is attached separately: it is never part of a MiniMind-V checkpoint.
+    try:
+        model.vision_encoder = load_vision_encoder(resolve(args.vision_model_path))
+    except FileNotFoundError as e:  # its message says which script downloads / makes one
+        raise ModelLoadError(str(e)) from None
+    model = model.to(device=device, dtype=dtype).eval()
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision_encoder."))
+    log.info("model: %.2fM parameters (vision tower excluded) on %s, %s", n_params / 1e6, device, dtype)
+    return model, tokenizer
