@@ -73,18 +73,23 @@ def build_inputs(tokenizer: Any, messages: list[dict], images: list, image_token
 def answer(model: Any, tokenizer: Any, messages: list[dict], images: list, max_new_tokens: int = 512,
            temperature: float = 0.65, top_p: float = 0.85, repetition_penalty: float = 1.0,
            stats: dict | None = None) -> Iterator[str]:
-    """Stream the assistant's reply to `messages` as text pieces. `stats` (optional dict) receives
-    prompt_tokens, new_tokens, ttft_s (vision encoder + prefill + first token) and seconds."""
+    """Stream the assistant's reply to `messages` as text pieces. Input problems raise ChatInputError
+    here, before the first piece (so a server can still answer 400). `stats` (optional dict) receives
+    prompt_tokens, new_tokens, ttft_s (vision encoder + prefill + first piece), seconds, finish_reason."""
     input_ids, pixel_values = build_inputs(tokenizer, messages, images, model.config.image_special_token)
     stats = stats if stats is not None else {}
     stats.update(prompt_tokens=input_ids.shape[1], new_tokens=0)
     if pixel_values is not None:
         pixel_values = pixel_values.to(model.dtype)
-    start = time.perf_counter()
-    for i, piece in enumerate(stream_text(model, tokenizer, input_ids, pixel_values, max_new_tokens,
-                                          temperature, top_p, repetition_penalty, stats=stats)):
-        if i == 0:
-            stats["ttft_s"] = time.perf_counter() - start
+
+    def pieces() -> Iterator[str]:
+        start = time.perf_counter()
+        for i, piece in enumerate(stream_text(model, tokenizer, input_ids, pixel_values, max_new_tokens,
+                                              temperature, top_p, repetition_penalty, stats=stats)):
+            if i == 0:
+                stats["ttft_s"] = time.perf_counter() - start
+            stats["seconds"] = time.perf_counter() - start
+            yield piece
         stats["seconds"] = time.perf_counter() - start
-        yield piece
-    stats["seconds"] = time.perf_counter() - start
+        stats["finish_reason"] = "length" if stats["new_tokens"] >= max_new_tokens else "stop"
+    return pieces()
