@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-BATCH = 2048
+BATCH = 512  # rows per conversion batch: bounded memory even with large images
 
 
 def fingerprint(path: Path) -> str:
@@ -115,6 +115,10 @@ def build_cache(data_path: Path, out: Path) -> Path:
         os.replace(tmp, out)  # concurrent builders (DDP ranks) each write their own tmp; last one wins
     finally:
         tmp.unlink(missing_ok=True)
+        pa.default_memory_pool().release_unused()  # hand the conversion buffers back to the OS
+    for old in out.parent.glob(f"{data_path.name}.*.arrow"):  # caches of earlier versions of the file
+        if old != out:
+            old.unlink(missing_ok=True)
     return out
 
 
@@ -156,8 +160,9 @@ class RowStore:
 
     def images(self, i: int) -> list[bytes] | list[str]:
         """The row's image bytes (Parquet) or image names (JSONL), nulls dropped."""
-        refs = self.table.column(self.image_kind)[i].as_py()
-        return [r for r in (refs or []) if r is not None]
+        refs = self.table.column(self.image_kind)[i]
+        # .values (a zero-copy slice) then to_pylist: ListScalar.as_py() allocates far more than the row
+        return [] if not refs.is_valid else [r for r in refs.values.to_pylist() if r is not None]
 
     def iter_conversations(self, batch_size: int = 4096):
         """All conversation strings, in order, a batch at a time (for length computation)."""
