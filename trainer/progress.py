@@ -49,8 +49,14 @@ class Progress:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         if resumed and metrics_path.exists():
             # Steps after the resume point will be logged again: drop their earlier records.
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) <= start_step and "summary" not in json.loads(line)]
+            kept = []
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the torn last line of a killed run
+                if "summary" not in rec and rec.get("step", -1) <= start_step:
+                    kept.append(line)
             metrics_path.write_text("".join(line + "\n" for line in kept))
         elif not resumed:
             metrics_path.write_text("")

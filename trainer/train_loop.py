@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -317,8 +318,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [n for n, _ in model.named_parameters() if n.startswith(VISION_PREFIX)]
             + [n for n, _ in model.named_buffers() if n.startswith(VISION_PREFIX)])
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        **no_buffer_sync)
 
     tracker = open_tracker(args.use_wandb and env.main, args.wandb_project,
                            f"{args.save_weight}-{hidden}-bs{args.batch_size}-lr{args.learning_rate}", vars(args), tracker_id)

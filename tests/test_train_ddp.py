@@ -1,0 +1,51 @@
+"""Two-process DDP on the CPU (gloo, torchrun): pretrain, then SFT with text-only batches, ranks in
+lockstep; then the SFT run resumed on one process continues at the right sample."""
+import json
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.train_helpers import PYTHON, TRAINER, make_data, metrics, subprocess_env, tiny_flags
+
+
+def torchrun(script: str, flags: list[str], nproc: int = 2) -> str:
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           str(TRAINER / script), *flags] if nproc > 1 else [PYTHON, str(TRAINER / script), *flags]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def with_text_only_rows(src, dst, n: int) -> None:
+    """`src` plus n rows without an image, interleaved: many batches of one row hold no image."""
+    table = pq.read_table(src)
+    text = [json.dumps([{"role": "user", "content": f"Count to {i % 5 + 1}."},
+                        {"role": "assistant", "content": " ".join(str(k) for k in range(1, i % 5 + 2))}])
+            for i in range(n)]
+    extra = pa.table({"conversations": pa.array(text, table.schema.field("conversations").type),
+                      "image_bytes": pa.nulls(n, table.schema.field("image_bytes").type)})
+    pq.write_table(pa.concat_tables([table, extra]), dst)
+
+
+def test_two_process_pretrain_then_sft(tiny_clip, tmp_path):
+    data = make_data(tmp_path / "data", n=8)
+    out = tmp_path / "out"
+    torchrun("train_pretrain_vlm.py", tiny_flags(data / "pretrain.parquet", tiny_clip, out, batch_size=1, epochs=1))
+    steps, summary = metrics(out / "pretrain_vlm_64_metrics.jsonl")
+    assert summary["steps"] == 4 and summary["samples"] == 8
+    assert len(set(summary["rank_weight_sha256"])) == 1 and len(summary["rank_weight_sha256"]) == 2
+
+    sft = tmp_path / "sft_mixed.parquet"
+    with_text_only_rows(data / "sft.parquet", sft, 8)  # 16 rows: 8 global steps of 2 ranks x 1 row
+    sft_flags = tiny_flags(sft, tiny_clip, out, batch_size=1, epochs=1, from_weight="pretrain_vlm")
+    torchrun("train_sft_vlm.py", sft_flags + ["--max_steps", "3"])
+    steps, summary = metrics(out / "sft_vlm_64_metrics.jsonl")
+    assert summary["steps"] == 3 and len(set(summary["rank_weight_sha256"])) == 1
+
+    # The same run resumed on one process: 6 samples were consumed, the other 10 follow.
+    log = torchrun("train_sft_vlm.py", sft_flags + ["--from_resume", "1"], nproc=1)
+    assert "continuing at the same sample" in log
+    steps, summary = metrics(out / "sft_vlm_64_metrics.jsonl")
+    assert summary["samples"] == 10 and summary["steps"] == 16
+    assert [r["step"] for r in steps] == list(range(1, 4)) + list(range(7, 17))
