@@ -142,12 +142,15 @@ def write_parquet(rows: list[dict], path: Path) -> None:
 
 
 def make_dataset(out: str | Path, seed: int = 0, n_pretrain: int = 6000, n_sft: int = 6000,
-                 n_eval: int = 400, overwrite: bool = False) -> dict[str, Path]:
+                 n_eval: int = 400, overwrite: bool = False, eval_kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
     """Write pretrain/sft/eval Parquet files under `out` (kept when present unless overwrite)."""
+    unknown = set(eval_kinds) - set(KINDS)
+    if unknown or not eval_kinds:
+        raise ValueError(f"unknown eval kind(s) {sorted(unknown)}: choose from {', '.join(KINDS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = {"pretrain": (n_pretrain, lambda rng, i: pretrain_row(rng)), "sft": (n_sft, lambda rng, i: sft_row(rng)),
-            "eval": (n_eval, lambda rng, i: eval_row(rng, KINDS[i % len(KINDS)]))}  # eval: kinds balanced
+            "eval": (n_eval, lambda rng, i: eval_row(rng, eval_kinds[i % len(eval_kinds)]))}  # balanced
     paths = {}
     for split, (n, make_row) in plan.items():
         path = paths[split] = out / f"{split}.parquet"
@@ -178,9 +181,11 @@ def main() -> None:
     ap.add_argument("--n_pretrain", type=int, default=6000)
     ap.add_argument("--n_sft", type=int, default=6000)
     ap.add_argument("--n_eval", type=int, default=400)
+    ap.add_argument("--eval_kinds", default=",".join(KINDS), help="question kinds in eval.parquet, comma-separated")
     ap.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
     args = ap.parse_args()
-    paths = make_dataset(resolve(args.out), args.seed, args.n_pretrain, args.n_sft, args.n_eval, args.overwrite)
+    paths = make_dataset(resolve(args.out), args.seed, args.n_pretrain, args.n_sft, args.n_eval, args.overwrite,
+                         tuple(k.strip() for k in args.eval_kinds.split(",") if k.strip()))
     for split, p in paths.items():
         print(f"{split:9s} {pq.ParquetFile(p).metadata.num_rows:6d} rows  {p.stat().st_size / 1e6:6.1f} MB  {p}")
 

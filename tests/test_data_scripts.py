@@ -1,0 +1,106 @@
+"""scripts/make_synthetic_data.py (the offline task) and scripts/check_data.py."""
+import io
+import json
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from scripts.make_synthetic_data import CHOICES, COLOURS, KINDS, make_dataset
+from model import PROJECT_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("syn"), seed=0, n_pretrain=60, n_sft=200, n_eval=400)
+
+
+def rows(path):
+    return pq.read_table(path).to_pylist()
+
+
+def images_of(row):
+    b = row["image_bytes"]
+    return b if isinstance(b, list) else [b]
+
+
+def read_scene(png: bytes) -> dict:
+    """What a simple pixel rule sees: the shape's mean colour (nearest palette entry) and quadrant."""
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    mask = a.min(axis=2) < 200  # the background is light (>= 225 in every channel); shapes are saturated
+    ys, xs = np.nonzero(mask)
+    mean = a[mask].mean(axis=0)
+    colour = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - mean).sum())
+    h, w = mask.shape
+    return {"colour": colour, "horizontal": "left" if xs.mean() < w / 2 else "right",
+            "vertical": "top" if ys.mean() < h / 2 else "bottom"}
+
+
+def test_layout_and_kinds(synthetic):
+    for split in ("pretrain", "sft", "eval"):
+        assert {"conversations", "image_bytes"} <= set(pq.read_schema(synthetic[split]).names)
+    ev = rows(synthetic["eval"])
+    assert Counter(r["kind"] for r in ev) == {k: 100 for k in KINDS}
+    for r in ev:
+        conv = json.loads(r["conversations"])
+        assert [m["role"] for m in conv] == ["user", "assistant"] and conv[1]["content"] == r["answer"]
+        assert conv[0]["content"].count("<image>") == len(images_of(r)) == (2 if r["kind"] == "two_images" else 1)
+    sft = [json.loads(r["conversations"]) for r in rows(synthetic["sft"])]
+    assert any(len(c) == 4 for c in sft)  # multi-turn rows
+    assert any(c[0]["content"].count("<image>") == 2 for c in sft)  # two-image rows
+
+
+def test_answers_are_read_off_the_image(synthetic):
+    for r in rows(synthetic["eval"]):
+        scenes = [read_scene(b) for b in images_of(r)]
+        if r["kind"] == "two_images":
+            which = 0 if "first image" in r["conversations"] else 1
+            assert scenes[which]["colour"] == r["answer"]
+        else:
+            assert scenes[0][r["kind"]] == r["answer"]
+
+
+def test_text_alone_is_at_chance(synthetic):
+    """The best text-only guess (the majority answer for each exact question) stays near chance."""
+    by_question = defaultdict(Counter)
+    ev = rows(synthetic["eval"])
+    for r in ev:
+        by_question[json.loads(r["conversations"])[0]["content"]][r["answer"]] += 1
+    for kind in KINDS:
+        kind_rows = [r for r in ev if r["kind"] == kind]
+        chance = 1 / len(CHOICES["colour" if kind == "two_images" else kind])
+        best = sum(max(c.values()) for q, c in by_question.items()
+                   if any(json.loads(r["conversations"])[0]["content"] == q for r in kind_rows))
+        assert best / len(kind_rows) < chance + 0.15, kind
+
+
+def test_seeded_and_reused_unless_overwrite(synthetic, tmp_path):
+    a = make_dataset(tmp_path / "a", seed=0, n_pretrain=60, n_sft=200, n_eval=400)
+    assert all(pq.read_table(a[s]).equals(pq.read_table(synthetic[s])) for s in a)
+    other = make_dataset(tmp_path / "b", seed=1, n_pretrain=60, n_sft=200, n_eval=400)
+    assert not pq.read_table(other["sft"]).equals(pq.read_table(a["sft"]))
+    mtime = a["sft"].stat().st_mtime_ns
+    make_dataset(tmp_path / "a", seed=5, n_pretrain=60, n_sft=200, n_eval=400)
+    assert a["sft"].stat().st_mtime_ns == mtime  # kept
+    make_dataset(tmp_path / "a", seed=5, n_pretrain=60, n_sft=200, n_eval=400, overwrite=True)
+    assert not pq.read_table(a["sft"]).equals(pq.read_table(synthetic["sft"]))
+
+
+def test_check_data_on_good_and_bad_files(synthetic, tmp_path, capsys):
+    from scripts.check_data import check
+    assert check(synthetic["sft"], PROJECT_TOKENIZER, 640, None, workers=0, decode_images=True) == 0
+    out = capsys.readouterr().out
+    assert "rows          200 (200 usable, 0 bad)" in out and "histogram" in out
+    # too short a max_length: two-image rows cannot fit their images
+    assert check(synthetic["sft"], PROJECT_TOKENIZER, 300, None, workers=0, decode_images=False) == 1
+    out = capsys.readouterr().out
+    assert "too_long" in out and "skipped (too_long)" in out
+
+    from tests.test_data import EXPECTED_BAD, bad_parquet
+    assert check(bad_parquet(tmp_path), PROJECT_TOKENIZER, 640, None, workers=0, decode_images=True) == 1
+    out = capsys.readouterr().out
+    for kind, n in Counter(EXPECTED_BAD.values()).items():
+        assert f"  {kind:14s} {n}" in out
+    assert "rows          10 (2 usable, 8 bad)" in out
