@@ -31,7 +31,12 @@ def fingerprint(path: Path) -> str:
 
 
 def cache_path(data_path: Path, cache_dir: Path | None = None) -> Path:
-    folder = cache_dir if cache_dir is not None else data_path.parent / ".cache"
+    """`<data folder>/.cache/`, or `~/.cache/minimind-v/` when the data folder is read-only."""
+    folder = cache_dir
+    if folder is None:
+        folder = data_path.parent / ".cache"
+        if not os.access(folder if folder.exists() else data_path.parent, os.W_OK):
+            folder = Path.home() / ".cache" / "minimind-v"
     return folder / f"{data_path.name}.{fingerprint(data_path)}.arrow"
 
 
@@ -116,8 +121,9 @@ def build_cache(data_path: Path, out: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
         pa.default_memory_pool().release_unused()  # hand the conversion buffers back to the OS
-    for old in out.parent.glob(f"{data_path.name}.*.arrow"):  # caches of earlier versions of the file
-        if old != out:
+    current = out.name.removesuffix(".arrow")
+    for old in out.parent.glob(f"{data_path.name}.*"):  # caches (rows, lengths) of earlier versions of the file
+        if not old.name.startswith(current):
             old.unlink(missing_ok=True)
     return out
 
