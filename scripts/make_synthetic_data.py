@@ -15,6 +15,7 @@ not (SPEC §8), so shapes appear in captions only. Files (`conversations` JSON +
     sft.parquet       questions of every kind, multi-turn rows (two questions about one image)
                       and two-image rows (`image_bytes` a list of two PNGs: our multi-image extension)
     eval.parquet      single-turn questions + reference answers, columns `kind` and `answer`
+                      (kinds colour/horizontal/vertical by default; --eval_kinds adds two_images)
 
     python scripts/make_synthetic_data.py --out dataset/synthetic --seed 0
 """
@@ -41,6 +42,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 200, 20), "purple": (140, 40, 170), "orange": (245, 130, 20)}
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("colour", "horizontal", "vertical", "two_images")
+# Evaluated by default: the kinds SPEC §8 measured learnable within a few hundred steps; two_images
+# (the same colour skill plus picking the right image) is trained on, and evaluated on request.
+EVAL_KINDS = ("colour", "horizontal", "vertical")
 CHOICES = {"colour": list(COLOURS), "horizontal": ["left", "right"], "vertical": ["top", "bottom"]}
 QUESTIONS = {
     "colour": "What colour is the shape? Answer with one of: red, green, blue, yellow, purple, orange.",
@@ -142,7 +146,7 @@ def write_parquet(rows: list[dict], path: Path) -> None:
 
 
 def make_dataset(out: str | Path, seed: int = 0, n_pretrain: int = 6000, n_sft: int = 6000,
-                 n_eval: int = 400, overwrite: bool = False, eval_kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
+                 n_eval: int = 400, overwrite: bool = False, eval_kinds: tuple[str, ...] = EVAL_KINDS) -> dict[str, Path]:
     """Write pretrain/sft/eval Parquet files under `out` (kept when present unless overwrite)."""
     unknown = set(eval_kinds) - set(KINDS)
     if unknown or not eval_kinds:
@@ -181,7 +185,8 @@ def main() -> None:
     ap.add_argument("--n_pretrain", type=int, default=6000)
     ap.add_argument("--n_sft", type=int, default=6000)
     ap.add_argument("--n_eval", type=int, default=400)
-    ap.add_argument("--eval_kinds", default=",".join(KINDS), help="question kinds in eval.parquet, comma-separated")
+    ap.add_argument("--eval_kinds", default=",".join(EVAL_KINDS),
+                    help=f"question kinds in eval.parquet, comma-separated, from: {', '.join(KINDS)}")
     ap.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
     args = ap.parse_args()
     paths = make_dataset(resolve(args.out), args.seed, args.n_pretrain, args.n_sft, args.n_eval, args.overwrite,

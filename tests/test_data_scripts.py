@@ -14,7 +14,7 @@ from model import PROJECT_TOKENIZER
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("syn"), seed=0, n_pretrain=60, n_sft=200, n_eval=400)
+    return make_dataset(tmp_path_factory.mktemp("syn"), seed=0, n_pretrain=60, n_sft=200, n_eval=400, eval_kinds=KINDS)
 
 
 def rows(path):
@@ -77,7 +77,7 @@ def test_text_alone_is_at_chance(synthetic):
 
 
 def test_seeded_and_reused_unless_overwrite(synthetic, tmp_path):
-    a = make_dataset(tmp_path / "a", seed=0, n_pretrain=60, n_sft=200, n_eval=400)
+    a = make_dataset(tmp_path / "a", seed=0, n_pretrain=60, n_sft=200, n_eval=400, eval_kinds=KINDS)
     assert all(pq.read_table(a[s]).equals(pq.read_table(synthetic[s])) for s in a)
     other = make_dataset(tmp_path / "b", seed=1, n_pretrain=60, n_sft=200, n_eval=400)
     assert not pq.read_table(other["sft"]).equals(pq.read_table(a["sft"]))
@@ -86,6 +86,10 @@ def test_seeded_and_reused_unless_overwrite(synthetic, tmp_path):
     assert a["sft"].stat().st_mtime_ns == mtime  # kept
     make_dataset(tmp_path / "a", seed=5, n_pretrain=60, n_sft=200, n_eval=400, overwrite=True)
     assert not pq.read_table(a["sft"]).equals(pq.read_table(synthetic["sft"]))
+    default = make_dataset(tmp_path / "c", seed=0, n_pretrain=4, n_sft=4, n_eval=9)
+    assert Counter(r["kind"] for r in rows(default["eval"])) == {"colour": 3, "horizontal": 3, "vertical": 3}
+    with pytest.raises(ValueError, match="shape"):
+        make_dataset(tmp_path / "d", eval_kinds=("shape",))
 
 
 def test_check_data_on_good_and_bad_files(synthetic, tmp_path, capsys):
