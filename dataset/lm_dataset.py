@@ -145,6 +145,7 @@ class VLMDataset(Dataset):
         self.header = token_seq(tokenizer, f"{tokenizer.bos_token}assistant\n")
         self.closer = token_seq(tokenizer, f"{tokenizer.eos_token}\n")
         self._lengths: np.ndarray | None = None
+        self._bad: dict[int, str] = {}  # row -> kind, per process: each bad row is decoded and logged once
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -192,17 +193,21 @@ class VLMDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         skipped = []
-        for k in range(MAX_SKIP):
+        for k in range(min(MAX_SKIP, len(self))):
             i = (index + k) % len(self)
+            if i in self._bad:  # known bad in this process: already warned about
+                skipped.append((i, self._bad[i]))
+                continue
             try:
                 item = self.load(i)
             except BadRow as e:
                 log.warning("%s row %d: skipped (%s): %s", self.path, i, e.kind, e)
+                self._bad[i] = e.kind
                 skipped.append((i, e.kind))
                 continue
             item["skipped"] = skipped
             return item
-        raise RuntimeError(f"{self.path}: rows {index}..{index + MAX_SKIP - 1} are all bad "
+        raise RuntimeError(f"{self.path}: rows {index}..{index + len(skipped) - 1} (wrapping) are all bad "
                            f"(kinds: {dict(Counter(k for _, k in skipped))}); run scripts/check_data.py {self.path}")
 
     # -- lengths ---------------------------------------------------------------------------

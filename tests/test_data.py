@@ -241,8 +241,8 @@ EXPECTED_BAD = {1: "image_decode", 2: "json", 3: "conversation", 4: "conversatio
 
 def test_each_bad_row_kind_is_skipped_with_one_warning(tok, tmp_path, caplog):
     path = bad_parquet(tmp_path)
-    ds = VLMDataset(path, tok)
     for row, kind in EXPECTED_BAD.items():
+        ds = VLMDataset(path, tok)  # fresh: nothing known bad yet
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="minimind.data"):
             item = ds[row]
@@ -250,6 +250,10 @@ def test_each_bad_row_kind_is_skipped_with_one_warning(tok, tmp_path, caplog):
         assert item["index"] == 9  # every bad row falls through to the next good one
         assert f"{path} row {row}: skipped ({kind})" in caplog.text
         assert len([r for r in caplog.records if f"row {row}:" in r.getMessage()]) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="minimind.data"):
+        item = ds[1]  # again: still skipped and reported, but not logged twice
+    assert [k for _, k in item["skipped"]] == [EXPECTED_BAD[r] for r in range(1, 9)] and not caplog.records
 
 
 def test_loader_never_crashes_and_summarises_bad_rows(tok, tmp_path):
@@ -270,8 +274,11 @@ def test_loader_never_crashes_and_summarises_bad_rows(tok, tmp_path):
 
 def test_all_rows_bad_is_a_clear_error(tok, tmp_path):
     path = write_parquet(tmp_path / "d.parquet", [("not json", [png()])] * 3)
+    ds = VLMDataset(path, tok)
     with pytest.raises(RuntimeError, match="all bad.*check_data"):
-        VLMDataset(path, tok)[0]
+        ds[0]
+    with pytest.raises(RuntimeError, match="all bad.*check_data"):
+        ds[2]
 
 
 # ---- JSONL + image folder --------------------------------------------------------------------
