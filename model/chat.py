@@ -37,10 +37,15 @@ def with_image_markers(prompt: str, n_images: int) -> str:
 
 def open_image(src: bytes | str, name: str = "image") -> Any:
     """Decode an upload (bytes or path) into an RGB PIL image, with user-facing errors."""
+    import warnings
     from PIL import Image
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL refuses (DecompressionBombError) bigger images
+    # PIL warns above MAX_IMAGE_PIXELS and refuses (DecompressionBombError) above twice that:
+    # refuse everything over our limit before it is decoded.
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2
     try:
-        img = load_image(src)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = load_image(src)
     except FileNotFoundError as e:
         raise ChatInputError(str(e)) from None
     except ValueError as e:

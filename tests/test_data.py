@@ -250,6 +250,7 @@ def test_each_bad_row_kind_is_skipped_with_one_warning(tok, tmp_path, caplog):
         assert item["index"] == 9  # every bad row falls through to the next good one
         assert f"{path} row {row}: skipped ({kind})" in caplog.text
         assert len([r for r in caplog.records if f"row {row}:" in r.getMessage()]) == 1
+    ds[1]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="minimind.data"):
         item = ds[1]  # again: still skipped and reported, but not logged twice
