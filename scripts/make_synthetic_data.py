@@ -62,11 +62,10 @@ def draw_scene(rng: np.random.Generator, colour: str, vertical: str, horizontal:
     bg = tuple(int(v) for v in rng.integers(225, 256, 3))
     img = Image.new("RGB", (SIZE, SIZE), bg)
     d = ImageDraw.Draw(img)
-    r = int(rng.integers(8, 13))
-    q = SIZE // 2
-    cx = int(rng.integers(r + 1, q - r // 2)) + (q if horizontal == "right" else 0)
-    cy = int(rng.integers(r + 1, q - r // 2)) + (q if vertical == "bottom" else 0)
-    cx, cy = min(cx, SIZE - r - 1), min(cy, SIZE - r - 1)
+    r = int(rng.integers(9, 14))  # big shapes: a strong signal even through a random CLIP stand-in
+    q = SIZE // 2  # centred in its quadrant, jittered a little: the answer is never ambiguous
+    cx = q // 2 + (q if horizontal == "right" else 0) + int(rng.integers(-3, 4))
+    cy = q // 2 + (q if vertical == "bottom" else 0) + int(rng.integers(-3, 4))
     fill = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour])
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
