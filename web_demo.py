@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradio as gr
 
 from model.chat import MAX_IMAGES, ChatInputError, answer, open_image, with_image_markers
-from model.load import ModelLoadError, add_model_args, list_weight_files, load_model, parse_weight_name
+from model.load import ModelLoadError, add_model_args, add_serve_args, list_weight_files, load_model, parse_weight_name
 
 LAYERS_OF_HIDDEN = {512: 8, 768: 16}  # the published sizes (SPEC §1); others use --num_hidden_layers
 MAX_UPLOAD = "25mb"
@@ -127,9 +127,7 @@ def build_demo(holder: ModelHolder) -> gr.Blocks:
 
 def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to the network)")
-    ap.add_argument("--port", type=int, default=7788)
+    add_serve_args(add_model_args(ap), port=7788)  # SPEC §6: the published demo's port
     return ap
 
 

@@ -41,6 +41,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_serve_args(parser: argparse.ArgumentParser, port: int) -> argparse.ArgumentParser:
+    """--host / --port of the web demo and the API server: loopback unless the user opens it up
+    (the original web demo bound 0.0.0.0)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=port)
+    return parser
+
+
 def pick_dtype(device: str | torch.device) -> torch.dtype:
     """fp32 on CPU (the original's unconditional .half() broke CPU); bf16 on CUDA where supported, else fp16."""
     device = torch.device(device)

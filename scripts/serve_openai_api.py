@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.chat import IMAGE_MARKER, ChatInputError, answer, open_image
-from model.load import ModelLoadError, add_model_args, load_model
+from model.load import ModelLoadError, add_model_args, add_serve_args, load_model
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
@@ -189,9 +189,7 @@ def create_app(model: Any, tokenizer: Any, model_name: str = "minimind-v") -> Fa
 
 def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    ap.add_argument("--port", type=int, default=8998)
+    add_serve_args(add_model_args(ap), port=8998)
     ap.add_argument("--model_name", default=None, help="id reported by /v1/models (default: the weight name)")
     return ap
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import socket
 from pathlib import Path
 
 import torch
@@ -39,3 +40,9 @@ def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

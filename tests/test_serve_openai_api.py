@@ -1,18 +1,11 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback."""
 import base64
-import socket
 import threading
 import time
 
 import pytest
 
-from tests.infer_helpers import model_args, png_bytes, tiny_weights
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.infer_helpers import free_port, model_args, png_bytes, tiny_weights
 
 
 @pytest.fixture(scope="module")

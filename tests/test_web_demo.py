@@ -1,22 +1,15 @@
 """The gradio demo end to end in headless Chromium (Debian's /usr/bin/chromium driven by playwright)."""
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.infer_helpers import model_flags, png_bytes, tiny_weights
+from tests.infer_helpers import free_port, model_flags, png_bytes, tiny_weights
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() or shutil.which("chromium")),
                                 reason="chromium is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
