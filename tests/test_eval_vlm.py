@@ -1,0 +1,91 @@
+"""eval_vlm.py: one-shot answers, image folders, interactive chat, --bench scoring, clear errors."""
+import io
+import json
+import sys
+
+import pytest
+
+import eval_vlm
+from tests.infer_helpers import model_flags, png_bytes, tiny_weights
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory, tiny_clip):
+    save_dir = tmp_path_factory.mktemp("weights")
+    tiny_weights(save_dir)
+    return model_flags(save_dir, tiny_clip) + ["--max_new_tokens", "12"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    for name, colour in [("red.png", (220, 30, 30)), ("blue.png", (30, 60, 220))]:
+        (d / name).write_bytes(png_bytes(colour))
+    (d / "notes.txt").write_text("ignored: not an image suffix")
+    return d
+
+
+def test_one_image_with_prompt(flags, images, capsys):
+    assert eval_vlm.main(flags + ["--image", str(images / "red.png"), "--prompt", "What colour?"]) == 0
+    out = capsys.readouterr().out
+    assert "<image>\nWhat colour?" in out and "tokens/s" in out and "first token after" in out
+
+
+def test_several_images_and_bad_marker_count(flags, images, capsys):
+    two = ["--image", str(images / "red.png"), "--image", str(images / "blue.png")]
+    assert eval_vlm.main(flags + two + ["--prompt", "Compare <image> with <image>."]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    assert eval_vlm.main(flags + two + ["--prompt", "Only one <image> here."]) == 2
+    assert "2 image(s)" in capsys.readouterr().err
+
+
+def test_image_dir_uses_default_prompt(flags, images, capsys):
+    assert eval_vlm.main(flags + ["--image_dir", str(images), "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "[image] blue.png" in out and "[image] red.png" in out and "notes.txt" not in out
+    assert out.count("描述一下这个图像的内容") == 2
+
+
+def test_interactive_chat(flags, images, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\nAnd again?\n\n"))
+    assert eval_vlm.main(flags + ["--chat", "--image", str(images / "red.png")]) == 0
+    assert capsys.readouterr().out.count("tokens/s") == 2
+
+
+def test_user_mistakes_are_reported_without_traceback(flags, tmp_path, capsys):
+    assert eval_vlm.main(flags + ["--image", str(tmp_path / "missing.png")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert eval_vlm.main(flags + ["--image", str(bad)]) == 2
+    assert "not an image" in capsys.readouterr().err
+    assert eval_vlm.main(flags + ["--weight", "nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "weight file not found" in err and "scripts/download.py" in err
+    assert eval_vlm.main(flags + ["--hidden_size", "512"]) == 2  # no such file for 512
+    assert eval_vlm.main(flags + ["--vision_model_path", str(tmp_path)]) == 2
+    assert "make_tiny_clip.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pred, ref, ok", [
+    ("Red.", "red", True), ("It is red", "red", True), ("red green blue", "red", False),
+    ("reddish", "red", False), ("left", "right", False), ("  LEFT  ", "left", True),
+])
+def test_scoring_rule(pred, ref, ok):
+    assert eval_vlm.is_correct(pred, ref, {"red", "green", "blue", "left", "right"}) is ok
+
+
+def test_bench_on_synthetic_eval(flags, tmp_path, capsys):
+    from scripts.make_synthetic_data import KINDS, make_dataset
+    paths = make_dataset(tmp_path / "syn", seed=0, n_pretrain=1, n_sft=1, n_eval=12, eval_kinds=KINDS)
+    out_json = tmp_path / "bench.json"
+    assert eval_vlm.main(flags + ["--bench", str(paths["eval"]), "--bench_out", str(out_json),
+                                  "--batch_size", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("accuracy: ")
+    report = json.loads(out_json.read_text())
+    assert set(report["per_kind"]) == {"colour", "horizontal", "vertical", "two_images"}
+    assert report["rows"] == 12 and sum(v["n"] for v in report["per_kind"].values()) == 12
+    assert float(lines[-1].split()[-1]) == pytest.approx(report["accuracy"], abs=1e-4)
+    assert eval_vlm.main(flags + ["--bench", str(paths["eval"]), "--blank_image", "--bench_limit", "4"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("accuracy: ")
