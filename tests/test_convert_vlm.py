@@ -1,0 +1,75 @@
+"""scripts/convert_vlm.py: .pth -> transformers folder -> .pth, identical logits, usable by eval_vlm.py."""
+import pytest
+import torch
+
+import eval_vlm
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.weights import load_weights, read_state_dict
+from scripts.convert_vlm import main as convert
+from tests.infer_helpers import HIDDEN, LAYERS, model_flags, png_bytes, tiny_weights
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_clip):
+    d = tmp_path_factory.mktemp("convert")
+    src = tiny_weights(d)
+    flags = model_flags(d, tiny_clip)
+    assert convert(["to_hf", *flags, "--out_dir", str(d / "hf")]) == 0
+    return d, src, flags
+
+
+def logits_of(model, tiny_clip) -> torch.Tensor:
+    from model.model_vlm import load_vision_encoder
+    model.vision_encoder = load_vision_encoder(tiny_clip)
+    ids = torch.cat([torch.tensor([[1, 300, 301]]), torch.full((1, 196), 34), torch.tensor([[400, 2, 1]])], dim=1)
+    px = torch.randn(1, 1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.eval()(ids, pixel_values=px).logits
+
+
+def test_folder_layout(converted):
+    d, _, _ = converted
+    import json
+    cfg = json.loads((d / "hf" / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"].endswith("MiniMindVLM")
+    assert {"model.safetensors", "model_vlm.py", "model_minimind.py", "tokenizer.json"} <= {
+        p.name for p in (d / "hf").iterdir()}
+    saved = read_state_dict(d / "hf" / "model.safetensors")
+    assert not any(k.startswith("vision_encoder.") for k in saved)
+
+
+def test_from_pretrained_offline_gives_identical_logits(converted, tiny_clip):
+    from transformers import AutoModelForCausalLM
+    d, src, _ = converted
+    native = MiniMindVLM(VLMConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS))
+    load_weights(native, src)
+    hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), trust_remote_code=True, dtype=torch.float32)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # re-tied
+    assert torch.equal(hf.model.rotary_emb.cos, native.model.rotary_emb.cos)  # non-persistent: rebuilt
+    assert torch.equal(hf.model.rotary_emb.sin, native.model.rotary_emb.sin)
+    assert torch.equal(logits_of(hf, tiny_clip), logits_of(native, tiny_clip))
+
+
+def test_round_trip_back_to_pth_is_exact(converted):
+    d, src, flags = converted
+    out = d / "back.pth"
+    assert convert(["to_pth", *flags, "--load_from", str(d / "hf"), "--out", str(out)]) == 0
+    a, b = read_state_dict(src), read_state_dict(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_vlm_loads_the_folder(converted, tiny_clip, tmp_path, capsys):
+    d, _, flags = converted
+    img = tmp_path / "red.png"
+    img.write_bytes(png_bytes())
+    assert eval_vlm.main(flags + ["--load_from", str(d / "hf"), "--image", str(img), "--prompt", "Colour?",
+                                  "--max_new_tokens", "6"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_missing_inputs_are_clear_errors(tmp_path, tiny_clip, capsys):
+    flags = model_flags(tmp_path, tiny_clip)
+    assert convert(["to_hf", *flags]) == 2
+    assert "weight file not found" in capsys.readouterr().err
+    assert convert(["to_pth", *flags, "--load_from", str(tmp_path)]) == 2
+    assert "transformers model folder" in capsys.readouterr().err
