@@ -89,3 +89,14 @@ def test_bench_on_synthetic_eval(flags, tmp_path, capsys):
     assert float(lines[-1].split()[-1]) == pytest.approx(report["accuracy"], abs=1e-4)
     assert eval_vlm.main(flags + ["--bench", str(paths["eval"]), "--blank_image", "--bench_limit", "4"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("accuracy: ")
+
+
+def test_weight_file_helpers(tmp_path):
+    from model.load import list_weight_files, parse_weight_name
+    assert parse_weight_name("sft_vlm_512.pth") == {"weight": "sft_vlm", "hidden_size": 512, "use_moe": 0}
+    assert parse_weight_name("pretrain_vlm_768_moe.pth") == {"weight": "pretrain_vlm", "hidden_size": 768, "use_moe": 1}
+    assert parse_weight_name("notes.pth") == {}
+    for name in ("sft_vlm_64.pth", "sft_vlm_64_resume.pth", "readme.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_weight_files(tmp_path)] == ["sft_vlm_64.pth"]
+    assert list_weight_files(tmp_path / "absent") == []
