@@ -15,9 +15,9 @@ import argparse
 import hashlib
 import inspect
 import logging
-import math
 import os
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model import DATA_DIR, DEFAULT_CLIP, DEFAULT_TOKENIZER, OUT_DIR, resolve
-from model.model_vlm import PATCHES, MiniMindVLM, VLMConfig
+from model.model_vlm import MiniMindVLM, VLMConfig
 from model.weights import VISION_PREFIX, load_weights, save_weights, weight_path
 from trainer import checkpoint as ckpt
 from trainer.data import RankSampler, make_loader
@@ -175,27 +175,32 @@ def build_model(args: argparse.Namespace, env: Env, weights: Path | None) -> tup
 
 
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_images(model: MiniMindVLM, pixel_values: torch.Tensor, num_images: torch.Tensor) -> torch.Tensor:
-    """CLIP features [B, Nmax, 196, 768] of a batch: one encoder call over the real images only
-    (padding slots of multi-image batches are skipped), in inference mode."""
-    real = torch.arange(pixel_values.shape[1])[None, :] < num_images[:, None]  # [B, Nmax]
+def encode_images(model: MiniMindVLM, pixel_values: torch.Tensor, num_images: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """CLIP features [B, Nmax, 196, 768] of a (host-side) batch: one encoder call over its real
+    images only (the zero padding of multi-image batches is neither copied nor encoded), in
+    inference mode."""
+    B, N = pixel_values.shape[:2]
+    real = torch.arange(N)[None, :] < num_images[:, None]  # [B, Nmax]
     with torch.inference_mode():
-        feats = model.encode_images(pixel_values[real.to(pixel_values.device)].unsqueeze(1))[:, 0]
-    out = feats.new_zeros(*real.shape, PATCHES, feats.shape[-1])
-    out[real.to(out.device)] = feats
-    return out.clone()  # leave inference mode: autograd may save a normal tensor for backward
+        feats = model.encode_images(pixel_values[real].to(device, non_blocking=True).unsqueeze(1))[:, 0]
+    if bool(real.all()):
+        return feats.view(B, N, *feats.shape[1:]).clone()  # clone: leave inference mode for autograd
+    out = torch.zeros(B, N, *feats.shape[1:], dtype=feats.dtype, device=device)
+    b, n = real.nonzero(as_tuple=True)
+    out[b.to(device), n.to(device)] = feats
+    return out
 
 
 def image_features(model: MiniMindVLM, batch: dict, device: torch.device, cache: FeatureCache | None
                    ) -> torch.Tensor | None:
     if cache is not None:
         feats = cache.features(batch["index"].tolist(), batch["num_images"], batch["pixel_values"],
-                               lambda pv, n: encode_images(model, pv.to(device, non_blocking=True), n))
+                               lambda pv, n: encode_images(model, pv, n, device))
         return None if feats is None else feats.to(device, non_blocking=True).float()
     if batch["pixel_values"] is None:
         return None
-    return encode_images(model, batch["pixel_values"].to(device, non_blocking=True), batch["num_images"])
+    return encode_images(model, batch["pixel_values"], batch["num_images"], device)
 
 
 def batch_loss(model: torch.nn.Module, raw: MiniMindVLM, batch: dict, device: torch.device, autocast: Any,
@@ -241,7 +246,9 @@ class StopRequest:
 
     def __init__(self):
         self.flag = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def close(self) -> None:
         for sig, handler in self.previous.items():
@@ -261,6 +268,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         logging.getLogger().setLevel(logging.WARNING)
     seed_everything(args.seed + env.rank)
     autocast, scaler = precision(args.dtype, env.device)
+    log.info("%d process(es) on %s, %s", env.world, env.device, "fp32" if isinstance(autocast, nullcontext)
+             else f"{autocast.fast_dtype} autocast" + (" + GradScaler" if scaler.is_enabled() else ""))
 
     save_dir = Path(args.save_dir).expanduser()
     hidden, moe = args.hidden_size, bool(args.use_moe)

@@ -1,0 +1,234 @@
+"""The project's benchmark: the real training step against the original's way of running it.
+
+    python scripts/bench.py                      # published pretrain config, CPU, fp32: a few minutes
+    python scripts/bench.py --steps 5 --clip model/vision_model/clip-vit-base-patch16
+
+`train` measures one optimizer step of pretraining (hidden 512 x 8, batch 16, max_seq_len 640,
+fp32, --freeze_llm 1) on the synthetic captions, the same batches two ways:
+  original  every row padded to max_seq_len, full-vocabulary logits at every position, the loss
+            masked afterwards (the published scripts' behaviour; our vectorised model underneath,
+            so if anything this baseline is faster than the real original);
+  ours      trainer/train_loop.py's step: rows padded to the batch's longest, lm_head and the loss
+            only at supervised positions, the frozen encoder once per step in inference mode;
+  ours_cached  the same step reading the encoder's features from --feature_cache (what epochs 2+
+            of a multi-epoch run do; the cache is filled during the warm-up).
+Warm-up steps per mode, then timed steps alternating between the modes (a busy machine slows
+both alike); reported are samples/s and tokens/s (real tokens), the median step time, the vision
+encoder's share of it, FLOPs per step (torch's FlopCounterMode) and the achieved FLOP/s, and
+peak memory.
+
+`decode`: when scripts/bench_decode.py exists, its `bench_decode(args) -> dict` runs too and its
+rows are added (it may also define `add_arguments(parser)` for its own flags).
+
+Results: a table on stdout and JSON in --out (default bench_results/bench.json, git-ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import tempfile
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from model import PROJECT_TOKENIZER, ROOT, TINY_CLIP, resolve
+
+MODES = ("original", "ours", "ours_cached")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="train,decode", help="comma-separated: train, decode")
+    ap.add_argument("--hidden_size", type=int, default=512)
+    ap.add_argument("--num_hidden_layers", type=int, default=8)
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--max_seq_len", type=int, default=640)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--clip", default=str(TINY_CLIP), help="vision encoder (default: the tiny random stand-in)")
+    ap.add_argument("--data", default=None, help="caption data (default: synthetic captions, generated once)")
+    ap.add_argument("--tokenizer_path", default=str(PROJECT_TOKENIZER))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench_results" / "bench.json"))
+    decode = decode_module()
+    if decode is not None and hasattr(decode, "add_arguments"):
+        decode.add_arguments(ap)
+    return ap.parse_args(argv)
+
+
+def decode_module():
+    path = ROOT / "scripts" / "bench_decode.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+def original_step_loss(model, batch: dict, max_seq_len: int, device: torch.device) -> torch.Tensor:
+    """The published scripts' step: rows padded to max_seq_len, logits everywhere, masked CE."""
+    B, T = batch["input_ids"].shape
+    ids = F.pad(batch["input_ids"], (0, max_seq_len - T), value=0).to(device)
+    labels = F.pad(batch["labels"], (0, max_seq_len - T), value=-100).to(device)
+    feats = None
+    if batch["pixel_values"] is not None:
+        with torch.no_grad():
+            feats = model.encode_images(batch["pixel_values"].to(device))
+    out = model(input_ids=ids, image_features=feats)
+    x, y = out.logits[:, :-1], labels[:, 1:]
+    mask = (y != -100).float()
+    loss = F.cross_entropy(x.reshape(-1, x.shape[-1]), y.clamp(min=0).reshape(-1), reduction="none")
+    return (loss * mask.reshape(-1)).sum() / mask.sum() + out.aux_loss
+
+
+def synthetic_captions(n: int = 256) -> Path:
+    from scripts.make_synthetic_data import make_dataset
+    out = ROOT / "bench_results" / "data"
+    make_dataset(out, seed=0, n_pretrain=n, n_sft=8, n_eval=4)
+    return out / "pretrain.parquet"
+
+
+def bench_train(args: argparse.Namespace) -> list[dict]:
+    """Both modes on the same model and batches, in this process. Timed steps alternate between
+    the modes, so a machine shared with other work slows both alike and the ratio stays fair.
+    Peak memory: each mode's warm-up runs alone, smallest first (on CPU the process high-water
+    mark only grows)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from dataset.lm_dataset import VLMDataset
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    from trainer.data import make_loader
+    from trainer.feature_cache import FeatureCache
+    from trainer.progress import peak_memory_mb
+    from trainer.recipe import set_trainable
+    from trainer.train_loop import batch_loss, encode_images, load_tokenizer, optimizer_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
+                        vision_model_path=resolve(args.clip)).to(device)
+    set_trainable(model, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=4e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    dataset = VLMDataset(resolve(args.data), load_tokenizer(args.tokenizer_path), max_length=args.max_seq_len)
+    loader = make_loader(dataset, args.batch_size, 0, 1, args.seed, 0, 0, num_workers=0, pin_memory=False,
+                         show_progress=False)
+    it = iter(loader)
+    batches = [next(it) for _ in range(args.warmup + args.steps)]  # loaded up front: the step alone is timed
+    warm, timed = batches[:args.warmup], batches[args.warmup:]
+    model.train()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    cache = FeatureCache(Path(tempfile.mkdtemp(prefix="bench_features_")), {"bench": args.data})
+
+    def step(mode: str, batch: dict) -> float:
+        sync()
+        t = time.perf_counter()
+        loss = (original_step_loss(model, batch, args.max_seq_len, device) if mode == "original"
+                else batch_loss(model, model, batch, device, nullcontext(), cache if mode == "ours_cached" else None))
+        loss.backward()
+        optimizer_step(optimizer, scaler, params, 1.0, 4e-4)
+        sync()
+        return time.perf_counter() - t
+
+    peak = {}
+    for mode in ("ours_cached", "ours", "original"):  # growing peaks (the CPU high-water mark only grows)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for batch in (warm if mode != "ours_cached" else batches):  # cached: fill the cache for every batch
+            step(mode, batch)
+        peak[mode] = peak_memory_mb(device)
+        print(f"  warm-up {mode}: {peak[mode]:.0f} MB peak", flush=True)
+    times = {m: [] for m in MODES}
+    for i, batch in enumerate(timed):
+        for mode in (MODES if i % 2 == 0 else tuple(reversed(MODES))):  # alternate who goes first
+            times[mode].append(step(mode, batch))
+        print(f"  step {i + 1}/{len(timed)}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES), flush=True)
+    enc = []
+    for batch in timed:
+        sync()
+        t = time.perf_counter()
+        encode_images(model, batch["pixel_values"], batch["num_images"], device)
+        sync()
+        enc.append(time.perf_counter() - t)
+    samples = sum(b["input_ids"].shape[0] for b in timed)
+    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
+    rows = []
+    for mode in MODES:
+        with FlopCounterMode(display=False) as counter:
+            step(mode, timed[0])
+        step_s = statistics.median(times[mode])
+        flops = counter.get_total_flops()  # of the first timed batch (the batches are alike in length)
+        rows.append(dict(mode=mode, step_s=step_s, samples_per_s=samples / sum(times[mode]),
+                         tokens_per_s=tokens / sum(times[mode]),
+                         seq_len=args.max_seq_len if mode == "original" else statistics.mean(
+                             b["input_ids"].shape[1] for b in timed),
+                         vision_share=0.0 if mode == "ours_cached" else statistics.median(enc) / step_s,
+                         gflop_per_step=flops / 1e9,
+                         gflop_per_s=flops / 1e9 / step_s, peak_memory_mb=peak[mode], steps=len(times[mode])))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("mode", "{}"), ("seq_len", "{:.0f}"), ("step_s", "{:.2f}"), ("samples_per_s", "{:.2f}"),
+            ("tokens_per_s", "{:.0f}"), ("vision_share", "{:.1%}"), ("gflop_per_step", "{:.0f}"),
+            ("gflop_per_s", "{:.1f}"), ("peak_memory_mb", "{:.0f}")]
+    lines = [" | ".join(c for c, _ in cols), " | ".join("---" for _ in cols)]
+    lines += [" | ".join(f.format(r[c]) for c, f in cols) for r in rows]
+    return "\n".join("| " + line + " |" for line in lines)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.data is None:
+        args.data = str(synthetic_captions())
+    parts = set(args.parts.split(","))
+    result = dict(config=vars(args),
+                  machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
+                               threads=args.threads or torch.get_num_threads(),
+                               device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"),
+                  time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if "train" in parts:
+        print(f"train step: hidden {args.hidden_size} x {args.num_hidden_layers}, batch {args.batch_size}, "
+              f"max_seq_len {args.max_seq_len}, {args.device}, fp32, {args.steps} timed steps", flush=True)
+        rows = bench_train(args)
+        by = {r["mode"]: r for r in rows}
+        base = by["original"]
+        result["train"] = dict(rows=rows, speedup={m: by[m]["samples_per_s"] / base["samples_per_s"] for m in MODES[1:]},
+                               flop_ratio={m: base["gflop_per_step"] / by[m]["gflop_per_step"] for m in MODES[1:]})
+        print(table(rows))
+        for m in MODES[1:]:
+            print(f"speed-up {m} / original: {result['train']['speedup'][m]:.2f}x samples/s, "
+                  f"{result['train']['flop_ratio'][m]:.2f}x fewer FLOPs per step")
+    decode = decode_module() if "decode" in parts else None
+    if decode is not None:
+        result["decode"] = decode.bench_decode(args)
+        print("decode: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in result["decode"].items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
