@@ -57,10 +57,11 @@ def timed(run, skip_prompt: bool) -> tuple[torch.Tensor, float, float]:
 def bench_decode(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    clip = RANDOM_CLIP if args.clip else TINY_CLIP
-    if not (clip / "config.json").exists():
+    # --clip: our flag (True = real geometry) or scripts/bench.py's path to a CLIP folder.
+    clip = Path(args.clip) if isinstance(args.clip, (str, Path)) else RANDOM_CLIP if args.clip else TINY_CLIP
+    if not (clip / "config.json").exists() and clip in (RANDOM_CLIP, TINY_CLIP):
         from scripts.make_tiny_clip import make_clip
-        make_clip(clip, full=args.clip) if args.clip else make_clip(clip)
+        make_clip(clip, full=clip == RANDOM_CLIP)
     torch.manual_seed(0)
     config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
     model = MiniMindVLM(config, vision_model_path=clip).to(args.device).eval()
@@ -104,19 +105,24 @@ def bench_decode(args: argparse.Namespace) -> dict:
     return result
 
 
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The decode-only flags (scripts/bench.py adds these to its own, which cover the shared ones)."""
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--prompt_tokens", type=int, default=32, help="text tokens around the image slot")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating stock/ours runs (median reported)")
+    return ap
+
+
 def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden_size", type=int, default=512)
     ap.add_argument("--num_hidden_layers", type=int, default=8)
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--prompt_tokens", type=int, default=32, help="text tokens around the image slot")
     ap.add_argument("--clip", action="store_true",
                     help=f"use the real CLIP geometry ({RANDOM_CLIP.name}, random) instead of the tiny stand-in")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="also write the result here")
-    return ap
+    return add_arguments(ap)
 
 
 def main(argv: list[str] | None = None) -> int:
