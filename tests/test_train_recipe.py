@@ -103,3 +103,12 @@ def test_feature_cache_hits_equal_misses(tmp_path):
     with pytest.raises(RuntimeError, match="delete it"):
         FeatureCache(tmp_path, {"data": "y"})
     assert math.isfinite(float(first.float().sum()))
+
+
+def test_published_flag_names_are_kept():
+    published = ("epochs batch_size learning_rate device dtype num_workers accumulation_steps grad_clip log_interval "
+                 "save_interval hidden_size num_hidden_layers max_seq_len use_moe data_path from_weight save_weight "
+                 "save_dir from_resume freeze_llm use_compile use_wandb vision_model_path tokenizer_path").split()
+    for stage in ("pretrain", "sft"):
+        options = {a.dest for a in build_parser(stage)._actions}
+        assert set(published) <= options, set(published) - options

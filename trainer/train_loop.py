@@ -165,13 +165,13 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(p))
 
 
-def build_model(args: argparse.Namespace, env: Env, weights: Path | None) -> tuple[MiniMindVLM, list[str]]:
+def build_model(args: argparse.Namespace, env: Env, weights: Path | None) -> MiniMindVLM:
     config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe))
     model = MiniMindVLM(config, vision_model_path=resolve(args.vision_model_path))
     if weights is not None:
         load_weights(model, weights)
-    trainable = set_trainable(model, args.freeze_llm)
-    return model.to(env.device), trainable
+    set_trainable(model, args.freeze_llm)
+    return model.to(env.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.from_resume and state is None:
         log.info("--from_resume 1: no %s yet, starting fresh", resume_file)
     init = None if state is not None else from_weight_file(args.from_weight, save_dir, hidden, moe)
-    model, trainable = build_model(args, env, init)
+    model = build_model(args, env, init)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
     n_all = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(VISION_PREFIX))
