@@ -9,7 +9,11 @@ word read off the image and drawn uniformly from its listed choices, so text alo
     two_images  What colour is the shape in the first/second image?   two images, one shape each
 
 Colour and position are learnable from a randomly initialised CLIP stand-in; the kind of shape is
-not (SPEC §8), so shapes appear in captions only. Files (`conversations` JSON + `image_bytes`):
+not (SPEC §8), so shapes appear in captions only. Measured here (tiny random CLIP, LM hidden 256 x 4
+from scratch, pretrain + SFT rows mixed, batch 16, lr 1e-3, eval on 30 rows per kind): colour 0.83
+at step 100 and 1.0 at 200; top/bottom 1.0 at 200; left/right still 0.5 at 300 (top/bottom follows
+from where the shape's patches sit in the 196-token sequence, left/right must be read from CLIP's
+position embeddings, which takes longer). Files (`conversations` JSON + `image_bytes`):
 
     pretrain.parquet  captions ("A red circle at the top left.")
     sft.parquet       questions of every kind, multi-turn rows (two questions about one image)
