@@ -1,7 +1,11 @@
 """The project's benchmark: the real training step against the original's way of running it.
 
-    python scripts/bench.py                      # published pretrain config, CPU, fp32: a few minutes
+    python scripts/bench.py --parts train --threads 1    # published pretrain config, CPU, fp32: ~4 minutes
     python scripts/bench.py --steps 5 --clip model/vision_model/clip-vit-base-patch16
+
+On a machine shared with other work, --threads 1 gives stable numbers: with every core's worth of
+threads, each of the step's ~1000 parallel ops waits for a thread the OS gave to someone else,
+which costs the short ops of our step far more than the original's long ones.
 
 `train` measures one optimizer step of pretraining (hidden 512 x 8, batch 16, max_seq_len 640,
 fp32, --freeze_llm 1) on the synthetic captions, the same batches two ways:
@@ -154,10 +158,9 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     for mode in ("ours_cached", "ours", "original"):  # growing peaks (the CPU high-water mark only grows)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for batch in (warm if mode != "ours_cached" else batches):  # cached: fill the cache for every batch
-            step(mode, batch)
+        warm_s = [step(mode, batch) for batch in (warm if mode != "ours_cached" else batches)]  # fill the cache
         peak[mode] = peak_memory_mb(device)
-        print(f"  warm-up {mode}: {peak[mode]:.0f} MB peak", flush=True)
+        print(f"  warm-up {mode}: {peak[mode]:.0f} MB peak, " + " ".join(f"{t:.2f}s" for t in warm_s), flush=True)
     times = {m: [] for m in MODES}
     for i, batch in enumerate(timed):
         for mode in (MODES if i % 2 == 0 else tuple(reversed(MODES))):  # alternate who goes first
