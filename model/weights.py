@@ -92,6 +92,12 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype = torch.float16) -> d
             for k, v in model.state_dict().items() if not k.startswith(VISION_PREFIX)}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: object, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-save
     leaves the previous file intact and never a truncated one."""
@@ -103,6 +109,7 @@ def atomic_save(obj: object, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a weight file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -213,3 +213,13 @@ def test_published_tokenizer_layout(fixture_tokenizer_path):
     assert tok(cfg.image_special_token, add_special_tokens=False)["input_ids"] == cfg.image_ids == [AT] * PATCHES
     assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
     assert len(tok) == 6400
+
+
+def test_saved_weight_file_is_world_readable_like_any_file(vlm, tmp_path):
+    import os
+    path = tmp_path / "w.pth"
+    save_weights(vlm, path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # no temporary file left behind
