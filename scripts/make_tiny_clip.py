@@ -30,17 +30,41 @@ def clip_config(full: bool) -> CLIPVisionConfig:
                             num_attention_heads=12, image_size=224, patch_size=16, projection_dim=512)
 
 
+# Bumped whenever the stand-in changes, so stale copies are rewritten rather than reused.
+STANDIN_VERSION = "2"
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid*grid, dim] fixed 2-D sine-cosine position codes (half the dims for the row, half for the
+    column), in raster order like ViT's patches."""
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter).float() / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freq) for c in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)
+
+
 def make_clip(out_dir: str | Path, full: bool = False, seed: int = 0, overwrite: bool = False) -> Path:
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and not overwrite:
+    marker = out_dir / "STANDIN_VERSION"
+    if (out_dir / "config.json").exists() and not overwrite and marker.exists() and marker.read_text() == STANDIN_VERSION:
         return out_dir
     torch.manual_seed(seed)
     model = CLIPVisionModel(clip_config(full)).eval()
+    # A trained ViT's position embeddings carry a smooth 2-D layout as strong as the patch content;
+    # random ones (std 0.02 against ~0.5 for the patch projection) carry almost none, which would make
+    # "where is it" questions far harder for the stand-in than for the real CLIP.
+    emb = model.embeddings
+    grid = emb.image_size // emb.patch_size
+    with torch.no_grad():
+        emb.position_embedding.weight[1:] = sincos_2d(grid, emb.embed_dim) * 0.5
     model.save_pretrained(out_dir)
+    marker.write_text(STANDIN_VERSION)
     # The real checkpoint ships its preprocessing config; so does the stand-in.
     CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out_dir)
     (out_dir / "README.md").write_text(
-        "Randomly initialised CLIP vision tower (a stand-in for openai/clip-vit-base-patch16), "
+        "Randomly initialised CLIP vision tower (a stand-in for openai/clip-vit-base-patch16; patch position "
+        "embeddings are fixed 2-D sine-cosine codes), "
         f"written by scripts/make_tiny_clip.py ({'full ViT-B/16 geometry' if full else 'tiny'}, seed {seed}).\n")
     return out_dir
 
