@@ -3,12 +3,13 @@
 They stand in for the real `openai/clip-vit-base-patch16` (which `scripts/download.py` fetches)
 where the hub is out of reach: tests and the offline quickstart use them.
 
-    python scripts/make_tiny_clip.py            # tiny: 224 px, 16 px patches, 768-wide, 2 layers
+    python scripts/make_tiny_clip.py            # tiny: 224 px, 16 px patches, 768-wide, 1 layer
     python scripts/make_tiny_clip.py --full     # the real ViT-B/16 geometry (12 layers), random weights
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -22,23 +23,25 @@ from model import RANDOM_CLIP, TINY_CLIP, resolve
 
 def clip_config(full: bool) -> CLIPVisionConfig:
     """ViT-B/16 geometry; the tiny variant keeps the input, patch and output sizes (224, 16, 768)
-    so every shape downstream is the real one, with few, narrow-MLP layers."""
+    so every shape downstream is the real one, with one narrow-MLP layer (the quickstart's CPU budget
+    goes to the LM, not to a random encoder)."""
     if full:
         return CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                 num_attention_heads=12, image_size=224, patch_size=16, projection_dim=512)
-    return CLIPVisionConfig(hidden_size=768, intermediate_size=256, num_hidden_layers=2,
+    return CLIPVisionConfig(hidden_size=768, intermediate_size=256, num_hidden_layers=1,
                             num_attention_heads=12, image_size=224, patch_size=16, projection_dim=512)
 
 
 # Bumped whenever the stand-in changes, so stale copies are rewritten rather than reused.
-STANDIN_VERSION = "2"
+STANDIN_VERSION = "3"
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """[grid*grid, dim] fixed 2-D sine-cosine position codes (half the dims for the row, half for the
-    column), in raster order like ViT's patches."""
+    column), in raster order like ViT's patches. Wavelengths run from 2 to 2*grid patches, so every
+    dimension varies across the image (the usual 1..10000 range leaves most of them constant)."""
     quarter = dim // 4
-    freq = 1.0 / (10000 ** (torch.arange(quarter).float() / quarter))
+    freq = torch.exp(torch.linspace(math.log(math.pi), math.log(math.pi / grid), quarter))
     rows, cols = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
     parts = [f(c.reshape(-1, 1) * freq) for c in (rows, cols) for f in (torch.sin, torch.cos)]
     return torch.cat(parts, dim=1)
