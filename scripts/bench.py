@@ -100,10 +100,9 @@ def original_step_loss(model, batch: dict, max_seq_len: int, device: torch.devic
 
 
 def synthetic_captions(n: int = 256) -> Path:
-    from scripts.make_synthetic_data import make_dataset
-    out = ROOT / "bench_results" / "data"
-    make_dataset(out, seed=0, n_pretrain=n, n_sft=8, n_eval=4)
-    return out / "pretrain.parquet"
+    from scripts.make_synthetic_data import write_captions
+    path = ROOT / "bench_results" / "data" / f"captions_{n}.parquet"
+    return path if path.exists() else write_captions(path, n, seed=0)
 
 
 def bench_train(args: argparse.Namespace) -> list[dict]:

@@ -7,15 +7,18 @@ word read off the image and drawn uniformly from its listed choices, so text alo
     horizontal  Is the shape on the left or on the right?        one shape in a quadrant
     vertical    Is the shape at the top or at the bottom?        one shape in a quadrant
     two_images  What colour is the shape in the first/second image?   two images, one shape each
+    two_images_where  Is the shape in the first/second image on the left or on the right?
 
 Colour and position are learnable from a randomly initialised CLIP stand-in; the kind of shape is
-not (SPEC §8), so shapes appear in captions only. Measured here (tiny random CLIP, LM hidden 256 x 4
-from scratch, pretrain + SFT rows mixed, batch 16, lr 1e-3, eval on 30 rows per kind): colour 0.83
-at step 100 and 1.0 at 200; top/bottom 1.0 at 200; left/right still 0.5 at 300 (top/bottom follows
-from where the shape's patches sit in the 196-token sequence, left/right must be read from CLIP's
-position embeddings, which takes longer). Files (`conversations` JSON + `image_bytes`):
+not (SPEC §8), so no question asks about it. Colour is also the trap: a model can answer it by
+averaging the whole image, and once it does, nothing pushes it to find *where* the shape is. Measured
+(tiny stand-in, LM hidden 128 x 4 from scratch, batch 16, lr 1e-3, all kinds mixed from the start):
+colour and top/bottom 1.0 within 300 steps, left/right still 0.5 and two_images ~0.6 after 600
+(top/bottom can lean on where the shape's patches sit in the 196-token sequence, left/right cannot).
+Trained on left/right questions alone, left/right reaches 1.0 in ~150 steps and stays there when
+the other kinds join. So the first stage's file holds only questions colour cannot answer:
 
-    pretrain.parquet  captions ("A red circle at the top left.")
+    pretrain.parquet  stage 1 (the quickstart's pretraining): left/right and two-image questions
     sft.parquet       questions of every kind, multi-turn rows (two questions about one image)
                       and two-image rows (`image_bytes` a list of two PNGs: our multi-image extension)
     eval.parquet      single-turn questions + reference answers, columns `kind` and `answer`
@@ -49,13 +52,22 @@ KINDS = ("colour", "horizontal", "vertical", "two_images")
 # Evaluated by default: the kinds SPEC §8 measured learnable within a few hundred steps; two_images
 # (the same colour skill plus picking the right image) is trained on, and evaluated on request.
 EVAL_KINDS = ("colour", "horizontal", "vertical")
+PRETRAIN_KINDS = ("horizontal", "two_images_where")
+# SFT's share of each kind (KINDS order): the two-image colour question, the slowest to learn (it must
+# read the colour of the named image only), gets the largest share.
+SFT_MIX = (0.2, 0.2, 0.2, 0.4)
+# Bumped whenever what a seed produces changes, so files from an older recipe are rewritten, not reused.
+DATA_VERSION = 2
 CHOICES = {"colour": list(COLOURS), "horizontal": ["left", "right"], "vertical": ["top", "bottom"]}
 QUESTIONS = {
     "colour": "What colour is the shape? Answer with one of: red, green, blue, yellow, purple, orange.",
     "horizontal": "Is the shape on the left or on the right? Answer left or right.",
     "vertical": "Is the shape at the top or at the bottom? Answer top or bottom.",
     "two_images": "What colour is the shape in the {which} image? Answer with one of: red, green, blue, yellow, purple, orange.",
+    "two_images_where": "Is the shape in the {which} image on the left or on the right? Answer left or right.",
 }
+# What a two-image question asks about the chosen image.
+TWO_IMAGE_ATTRIBUTE = {"two_images": "colour", "two_images_where": "horizontal"}
 CAPTION_PROMPTS = ["<image>\nDescribe the image.", "Describe this picture.\n<image>",
                    "<image>\nWhat do you see?", "Write a short caption for the image.\n<image>"]
 
@@ -96,10 +108,10 @@ def caption(s: dict) -> str:
 
 def question(rng: np.random.Generator, kind: str) -> tuple[str, str, list[bytes]]:
     """(user text with <image> markers, answer, images) for one question of `kind`."""
-    if kind == "two_images":
+    if kind in TWO_IMAGE_ATTRIBUTE:
         (s1, b1), (s2, b2) = random_scene(rng), random_scene(rng)
         which = str(rng.choice(["first", "second"]))
-        answer = s1["colour"] if which == "first" else s2["colour"]
+        answer = (s1 if which == "first" else s2)[TWO_IMAGE_ATTRIBUTE[kind]]
         return "<image>\n<image>\n" + QUESTIONS[kind].format(which=which), answer, [b1, b2]
     s, b = random_scene(rng)
     return "<image>\n" + QUESTIONS[kind], s[kind], [b]
@@ -110,13 +122,20 @@ def msg(role: str, content: str) -> dict:
 
 
 def pretrain_row(rng: np.random.Generator) -> dict:
+    """A question that averaging the image cannot answer (see the module docstring)."""
+    text, answer, images = question(rng, str(rng.choice(PRETRAIN_KINDS)))
+    return {"conversations": [msg("user", text), msg("assistant", answer)], "image_bytes": images}
+
+
+def caption_row(rng: np.random.Generator) -> dict:
+    """A captioning row in the published pretraining style ("A red circle at the top left.")."""
     s, b = random_scene(rng)
     conv = [msg("user", str(rng.choice(CAPTION_PROMPTS))), msg("assistant", caption(s))]
     return {"conversations": conv, "image_bytes": [b]}
 
 
 def sft_row(rng: np.random.Generator) -> dict:
-    kind = str(rng.choice(KINDS))
+    kind = str(rng.choice(KINDS, p=SFT_MIX))
     if kind != "two_images" and rng.random() < 0.25:  # multi-turn: a second question about the same image
         s, b = random_scene(rng)
         k1, k2 = rng.choice(["colour", "horizontal", "vertical"], size=2, replace=False)
@@ -150,10 +169,11 @@ def write_parquet(rows: list[dict], path: Path) -> None:
 
 def make_dataset(out: str | Path, seed: int = 0, n_pretrain: int = 6000, n_sft: int = 6000,
                  n_eval: int = 400, overwrite: bool = False, eval_kinds: tuple[str, ...] = EVAL_KINDS) -> dict[str, Path]:
-    """Write pretrain/sft/eval Parquet files under `out` (kept when present unless overwrite)."""
-    unknown = set(eval_kinds) - set(KINDS)
+    """Write pretrain/sft/eval Parquet files under `out`. A file is kept when it was written by the same
+    recipe (version, seed, size, eval kinds: recorded beside it) unless `overwrite`; otherwise rewritten."""
+    unknown = set(eval_kinds) - set(QUESTIONS)
     if unknown or not eval_kinds:
-        raise ValueError(f"unknown eval kind(s) {sorted(unknown)}: choose from {', '.join(KINDS)}")
+        raise ValueError(f"unknown eval kind(s) {sorted(unknown)}: choose from {', '.join(QUESTIONS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = {"pretrain": (n_pretrain, lambda rng, i: pretrain_row(rng)), "sft": (n_sft, lambda rng, i: sft_row(rng)),
@@ -161,18 +181,32 @@ def make_dataset(out: str | Path, seed: int = 0, n_pretrain: int = 6000, n_sft: 
     paths = {}
     for split, (n, make_row) in plan.items():
         path = paths[split] = out / f"{split}.parquet"
-        if path.exists() and not overwrite:
+        recipe = json.dumps({"version": DATA_VERSION, "seed": seed, "rows": n,
+                             **({"eval_kinds": list(eval_kinds)} if split == "eval" else {})})
+        marker = out / f".{split}.recipe.json"
+        if path.exists() and not overwrite and marker.exists() and marker.read_text() == recipe:
             continue
         rng = np.random.default_rng([seed, list(plan).index(split)])  # each split its own stream
         rows = [make_row(rng, i) for i in tqdm(range(n), desc=split, unit="row", leave=False)]
         write_parquet(rows, path)
+        marker.write_text(recipe)
     return paths
+
+
+def write_captions(path: str | Path, n: int, seed: int = 0) -> Path:
+    """n caption rows (the published pretraining style, one image each): the training benchmark's data."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 0])
+    write_parquet([caption_row(rng) for _ in tqdm(range(n), desc="captions", unit="row", leave=False)], path)
+    return path
 
 
 def corpus(seed: int = 0, n: int = 2000) -> list[str]:
     """The task's text (questions, answers, captions), for training the project tokenizer."""
     rng = np.random.default_rng([seed, 99])
-    texts = [q.format(which=w) for q in QUESTIONS.values() for w in ("first", "second")]
+    # KINDS only: the shipped tokenizer was trained on these; later kinds reuse their words.
+    texts = [QUESTIONS[k].format(which=w) for k in KINDS for w in ("first", "second")]
     texts += [p.replace("<image>", "") for p in CAPTION_PROMPTS]
     for _ in range(n):
         s = {"colour": str(rng.choice(CHOICES["colour"])), "vertical": str(rng.choice(CHOICES["vertical"])),
@@ -189,7 +223,7 @@ def main() -> None:
     ap.add_argument("--n_sft", type=int, default=6000)
     ap.add_argument("--n_eval", type=int, default=400)
     ap.add_argument("--eval_kinds", default=",".join(EVAL_KINDS),
-                    help=f"question kinds in eval.parquet, comma-separated, from: {', '.join(KINDS)}")
+                    help=f"question kinds in eval.parquet, comma-separated, from: {', '.join(QUESTIONS)}")
     ap.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
     args = ap.parse_args()
     paths = make_dataset(resolve(args.out), args.seed, args.n_pretrain, args.n_sft, args.n_eval, args.overwrite,

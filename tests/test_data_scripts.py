@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from scripts.make_synthetic_data import CHOICES, COLOURS, KINDS, make_dataset
+from scripts.make_synthetic_data import CHOICES, COLOURS, KINDS, TWO_IMAGE_ATTRIBUTE, make_dataset, write_captions
 from model import PROJECT_TOKENIZER
 
 
@@ -55,11 +55,26 @@ def test_layout_and_kinds(synthetic):
 def test_answers_are_read_off_the_image(synthetic):
     for r in rows(synthetic["eval"]):
         scenes = [read_scene(b) for b in images_of(r)]
-        if r["kind"] == "two_images":
+        if r["kind"] in TWO_IMAGE_ATTRIBUTE:
             which = 0 if "first image" in r["conversations"] else 1
-            assert scenes[which]["colour"] == r["answer"]
+            assert scenes[which][TWO_IMAGE_ATTRIBUTE[r["kind"]]] == r["answer"]
         else:
             assert scenes[0][r["kind"]] == r["answer"]
+
+
+def test_pretrain_rows_ask_where_the_shape_is(synthetic):
+    """Stage 1 asks only what averaging the image cannot answer: left/right, of one image or of the
+    first/second of two; both forms occur and every answer is read off the named image."""
+    forms = Counter()
+    for r in rows(synthetic["pretrain"]):
+        user, answer = (m["content"] for m in json.loads(r["conversations"]))
+        scenes = [read_scene(b) for b in images_of(r)]
+        assert user.count("<image>") == len(scenes) and answer in CHOICES["horizontal"]
+        which = 1 if "second image" in user else 0
+        assert len(scenes) == 1 or ("first image" in user) != ("second image" in user)
+        assert scenes[which]["horizontal"] == answer
+        forms[len(scenes)] += 1
+    assert set(forms) == {1, 2}
 
 
 def test_text_alone_is_at_chance(synthetic):
@@ -76,16 +91,26 @@ def test_text_alone_is_at_chance(synthetic):
         assert best / len(kind_rows) < chance + 0.15, kind
 
 
+def test_captions_describe_their_image(tmp_path):
+    """The published pretraining style, kept for the training benchmark: one image, colour and place."""
+    for r in rows(write_captions(tmp_path / "captions.parquet", 20)):
+        (scene,), text = [read_scene(b) for b in images_of(r)], json.loads(r["conversations"])[1]["content"]
+        assert f"{scene['colour']} " in text and text.endswith(f" {scene['vertical']} {scene['horizontal']}.")
+
+
 def test_seeded_and_reused_unless_overwrite(synthetic, tmp_path):
     a = make_dataset(tmp_path / "a", seed=0, n_pretrain=60, n_sft=200, n_eval=400, eval_kinds=KINDS)
     assert all(pq.read_table(a[s]).equals(pq.read_table(synthetic[s])) for s in a)
     other = make_dataset(tmp_path / "b", seed=1, n_pretrain=60, n_sft=200, n_eval=400)
     assert not pq.read_table(other["sft"]).equals(pq.read_table(a["sft"]))
     mtime = a["sft"].stat().st_mtime_ns
+    make_dataset(tmp_path / "a", seed=0, n_pretrain=60, n_sft=200, n_eval=400, eval_kinds=KINDS)
+    assert a["sft"].stat().st_mtime_ns == mtime  # same recipe: kept
+    make_dataset(tmp_path / "a", seed=0, n_pretrain=60, n_sft=200, n_eval=400, eval_kinds=KINDS, overwrite=True)
+    assert a["sft"].stat().st_mtime_ns != mtime  # overwrite: rewritten
     make_dataset(tmp_path / "a", seed=5, n_pretrain=60, n_sft=200, n_eval=400)
-    assert a["sft"].stat().st_mtime_ns == mtime  # kept
-    make_dataset(tmp_path / "a", seed=5, n_pretrain=60, n_sft=200, n_eval=400, overwrite=True)
-    assert not pq.read_table(a["sft"]).equals(pq.read_table(synthetic["sft"]))
+    assert not pq.read_table(a["sft"]).equals(pq.read_table(synthetic["sft"]))  # other seed: rewritten
+    assert Counter(r["kind"] for r in rows(a["eval"])) == {"colour": 134, "horizontal": 133, "vertical": 133}
     default = make_dataset(tmp_path / "c", seed=0, n_pretrain=4, n_sft=4, n_eval=9)
     assert Counter(r["kind"] for r in rows(default["eval"])) == {"colour": 3, "horizontal": 3, "vertical": 3}
     with pytest.raises(ValueError, match="shape"):
