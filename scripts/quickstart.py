@@ -27,18 +27,20 @@ sys.path.insert(0, str(ROOT))
 
 from model import PROJECT_TOKENIZER, TINY_CLIP, resolve  # noqa: E402
 
-# A small model and a short schedule that fit the synthetic task into ~10 minutes on two CPU cores
+# A small model and a short schedule that fit the synthetic task into ~11 minutes on two CPU cores
 # (hidden 128 learns as much per step as 256 here, at about half the cost).
 HIDDEN, LAYERS = 128, 4
 STAGES = {
-    # The LM starts from random weights (there is no llm_256.pth), so pretraining trains it all
-    # (--freeze_llm 0) rather than only vision_proj + the last layer as the published recipe does.
+    # The LM starts from random weights (there is no llm_128.pth), so both stages train it all
+    # (--freeze_llm 0). Stage 1's file holds only left/right questions (about one image, or about the
+    # first/second of two): a model that first learns colour by averaging the image never learns to
+    # find the shape (scripts/make_synthetic_data.py has the measurements).
     "pretrain": dict(script="trainer/train_pretrain_vlm.py", data="pretrain.parquet", from_weight="none",
-                     lr=1e-3, batch_size=16, max_seq_len=320, max_steps=100),
+                     lr=1e-3, batch_size=16, max_seq_len=640, max_steps=0),  # one epoch: 250 steps
     "sft": dict(script="trainer/train_sft_vlm.py", data="sft.parquet", from_weight="pretrain_vlm",
                 lr=1e-3, batch_size=16, max_seq_len=640, max_steps=0),  # 0: one full epoch (375 steps)
 }
-DATA_SIZES = dict(n_pretrain=6000, n_sft=6000, n_eval=400, eval_kinds="colour,horizontal,vertical,two_images")
+DATA_SIZES = dict(n_pretrain=4000, n_sft=6000, n_eval=400, eval_kinds="colour,horizontal,vertical,two_images")
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:
