@@ -18,8 +18,9 @@ colour and top/bottom 1.0 within 300 steps, left/right still 0.5 and two_images 
 Trained on left/right questions alone, left/right reaches 1.0 in ~150 steps and stays there when
 the other kinds join. So the first stage's file holds only questions colour cannot answer:
 
-    pretrain.parquet  stage 1 (the quickstart's pretraining): left/right and two-image questions
-    sft.parquet       questions of every kind, multi-turn rows (two questions about one image)
+    pretrain.parquet  stage 1 (the quickstart's pretraining): left/right questions only, about one
+                      image or about the first/second of two (kinds horizontal, two_images_where)
+    sft.parquet       the first four kinds (two_images 40%), multi-turn rows (two questions about one image)
                       and two-image rows (`image_bytes` a list of two PNGs: our multi-image extension)
     eval.parquet      single-turn questions + reference answers, columns `kind` and `answer`
                       (kinds colour/horizontal/vertical by default; --eval_kinds adds two_images)
