@@ -94,7 +94,7 @@ def _tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if pixel_values is not None:
         kwargs["pixel_values"] = pixel_values.to(device)
     # Prefill: images are encoded here, once; only the last position's logits are needed.
-    out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+    out = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                 use_cache=True, logits_to_keep=1, **kwargs)
     logits = out.logits[:, -1]
     n = num_return_sequences
@@ -128,11 +128,11 @@ def _tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         if attention_mask is None:
-            out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids=token[:, None], cache=cache, use_cache=True)
         else:
             length = T + step + 1
             out = model(input_ids=token[:, None], attention_mask=full_mask[:, :length],
-                        position_ids=next_pos + step, past_key_values=cache, use_cache=True)
+                        position_ids=next_pos + step, cache=cache, use_cache=True)
         logits = out.logits[:, -1]
 
 

@@ -18,6 +18,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE_INDEX = -100
+# transformers 5.24 renamed the outputs' `past_key_values` field to `cache`; fill whichever this version has.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # YaRN (inference_rope_scaling=True) stretches the 2048-token training context 16x.
 YARN = dict(factor=16, original_max_position_embeddings=2048, beta_fast=32, beta_slow=1, attention_factor=1.0)
 
@@ -155,14 +157,14 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, past_key_values: Cache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         # mask None + T > 1 means "plain causal, no padding, no cache": the fastest SDPA path.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -254,8 +256,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, h, cos, sin, mask, past_key_values):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, past_key_values)
+    def forward(self, h, cos, sin, mask, cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -293,10 +295,10 @@ class MiniMindModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None, past_key_values: Cache | None
+                position_ids: torch.Tensor | None, cache: Cache | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = inputs_embeds.shape
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 # Left padding: count positions from each row's first real token.
@@ -307,7 +309,7 @@ class MiniMindModel(nn.Module):
         mask = build_attention_mask(attention_mask, T, past_len, inputs_embeds)
         h = self.dropout(inputs_embeds)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, past_key_values)
+            h = layer(h, cos, sin, mask, cache)
         aux = sum((l.mlp.aux_loss for l in self.layers if isinstance(l.mlp, MoEFeedForward)),
                   h.new_zeros(()))
         return self.norm(h), aux
@@ -318,7 +320,7 @@ class MiniMindPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -358,6 +360,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
@@ -371,13 +374,16 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         With `labels`, the loss is next-token cross-entropy over positions whose label is not -100;
         `return_logits=False` then skips the full-vocabulary projection everywhere else (training
         only needs the loss). `logits_to_keep=k` keeps only the last k positions' logits.
+        The KV cache comes as `cache` (transformers >= 5.24 names it so) or `past_key_values` (before).
         """
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, **kwargs)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        hidden, aux_loss = self.model(inputs_embeds, attention_mask, position_ids,
-                                      past_key_values if use_cache is not False else None)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if use_cache is False:
+            cache = None
+        hidden, aux_loss = self.model(inputs_embeds, attention_mask, position_ids, cache)
         loss = None
         if labels is not None:
             # Project only the supervised positions: the loss never looks at the rest.
@@ -389,7 +395,6 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         logits = None
         if return_logits:
             logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits,
-                                     past_key_values=past_key_values if use_cache is not False else None)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         out.aux_loss = aux_loss
         return out
