@@ -29,11 +29,17 @@ def read_metrics(path: str | Path) -> tuple[list[float], list[float]]:
 
 
 def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average (window 1 = raw)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
+    """Centred moving average over up to `window // 2` points on each side (window 1 = raw).
+
+    Centred, not trailing (a trailing mean lags a falling loss by half a window), and symmetric at the
+    ends too: near an end the window narrows on both sides, so the first and last points are raw."""
+    csum = [0.0]
+    for v in values:
+        csum.append(csum[-1] + v)
+    n, out = len(values), []
+    for i in range(n):
+        h = min(window // 2, i, n - 1 - i)
+        out.append((csum[i + h + 1] - csum[i - h]) / (2 * h + 1))
     return out
 
 
@@ -48,7 +54,7 @@ def plot(logs: list[Path], out: Path, labels: list[str] | None = None, window: i
         if not steps:
             raise ValueError(f"{log} holds no step/loss records: is it a trainer metrics log?")
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
-        ax.plot(steps, smooth(losses, window), color="tab:blue", linewidth=1.8, label=f"mean of {window}")
+        ax.plot(steps, smooth(losses, window), color="tab:blue", linewidth=1.8, label=f"centred mean of {2 * (window // 2) + 1}")
         ax.set(title=label, xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend()

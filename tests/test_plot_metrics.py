@@ -18,9 +18,12 @@ def test_read_metrics_skips_summaries_and_torn_lines(tmp_path):
     assert steps == list(range(1, 31)) and losses[0] == pytest.approx(4.9)
 
 
-def test_smooth_is_a_trailing_mean():
-    assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+def test_smooth_is_a_centred_mean():
+    assert smooth([1, 2, 3, 4], 2) == [1, 2, 3, 4]  # one point each side: a straight line is unchanged
+    assert smooth([1, 2, 9, 4, 5], 4) == [1, 4, 4.2, 6, 5]  # two each side, narrower near the ends
+    assert smooth([5, 1, 0, 0, 0, 0, 0], 2) == [5, 2, 1 / 3, 0, 0, 0, 0]  # no lag behind a fall
     assert smooth([3, 1], 1) == [3, 1]
+    assert smooth([], 10) == []
 
 
 def test_plot_writes_png(tmp_path):
