@@ -293,6 +293,11 @@ class BadRowStats:
     def update(self, batch: dict) -> None:
         self.rows.update(dict(batch.get("bad_rows", [])))
 
+    def merge(self, others: list[dict[int, str]]) -> None:
+        """Add other tallies' rows (e.g. every DDP rank's); a row met by several counts once."""
+        for rows in others:
+            self.rows.update(rows)
+
     def counts(self) -> dict[str, int]:
         c = Counter(self.rows.values())
         return {k: c[k] for k in BAD_KINDS if c[k]} | {k: v for k, v in c.items() if k not in BAD_KINDS}

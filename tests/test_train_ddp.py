@@ -49,3 +49,22 @@ def test_two_process_pretrain_then_sft(tiny_clip, tmp_path):
     steps, summary = metrics(out / "sft_vlm_64_metrics.jsonl")
     assert summary["samples"] == 10 and summary["steps"] == 16
     assert [r["step"] for r in steps] == list(range(1, 4)) + list(range(7, 17))
+
+
+def test_bad_rows_of_every_rank_are_summarised(tiny_clip, tmp_path):
+    """Each rank meets the bad rows of its own share; rank 0's epoch summary counts them all."""
+    data = make_data(tmp_path / "data", n=8)
+    table = pq.read_table(data / "pretrain.parquet")
+    broken = [0, 3, 4, 7]
+    images = table.column("image_bytes").to_pylist()
+    for i in broken:
+        images[i] = [b"\x89PNG not really"] * len(images[i])
+    table = table.set_column(table.schema.get_field_index("image_bytes"), "image_bytes",
+                             pa.array(images, table.schema.field("image_bytes").type))
+    path = tmp_path / "broken.parquet"
+    pq.write_table(table, path)
+    out = tmp_path / "out"
+    log = torchrun("train_pretrain_vlm.py", tiny_flags(path, tiny_clip, out, batch_size=1, epochs=1))
+    assert "broken.parquet: skipped 4 bad row(s): image_decode 4" in log
+    _, summary = metrics(out / "pretrain_vlm_64_metrics.jsonl")
+    assert summary["bad_rows_last_epoch"] == {"image_decode": 4} and summary["samples"] == 8

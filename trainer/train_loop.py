@@ -410,6 +410,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     finished = True
                 if finished:
                     break
+            if env.ddp:  # each rank skipped the bad rows of its own share: report them all
+                shares = [None] * env.world
+                dist.all_gather_object(shares, bad.rows)
+                bad.merge(shares)
             if env.main:
                 progress.message(f"epoch {epoch + 1}/{args.epochs}: {bad.summary()}")
     finally:
@@ -424,7 +428,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     summary = dict(time_s=round(elapsed, 2), steps=step, samples=run_samples, tokens=run_tokens,
                    samples_per_s=round(run_samples / max(elapsed, 1e-9), 2),
                    tokens_per_s=round(run_tokens / max(elapsed, 1e-9), 1),
-                   peak_memory_mb=round(peak_memory_mb(env.device), 1), weights=str(weights_out),
+                   peak_memory_mb=round(peak_memory_mb(env.device), 1), bad_rows_last_epoch=bad.counts(),
+                   weights=str(weights_out),
                    rank_weight_sha256=digests)
     progress.close(summary)
     if len(set(digests)) > 1:
