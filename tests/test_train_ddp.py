@@ -68,3 +68,21 @@ def test_bad_rows_of_every_rank_are_summarised(tiny_clip, tmp_path):
     assert "broken.parquet: skipped 4 bad row(s): image_decode 4" in log
     _, summary = metrics(out / "pretrain_vlm_64_metrics.jsonl")
     assert summary["bad_rows_last_epoch"] == {"image_decode": 4} and summary["samples"] == 8
+
+
+def test_accumulation_under_ddp_equals_one_process(tiny_clip, tmp_path):
+    """2 ranks x accumulation 2 (no_sync on the first micro-batch) reaches the weights of 1 process x
+    accumulation 4: both average the gradients of the same 4 global batches per step."""
+    import torch
+    data = make_data(tmp_path / "data", n=8)
+    runs = {}
+    for nproc, accumulation in ((2, 2), (1, 4)):
+        out = tmp_path / f"out{nproc}"
+        torchrun("train_pretrain_vlm.py", tiny_flags(data / "pretrain.parquet", tiny_clip, out, batch_size=1, epochs=1,
+                                                     freeze_llm=0, accumulation_steps=accumulation), nproc=nproc)
+        _, summary = metrics(out / "pretrain_vlm_64_metrics.jsonl")
+        assert summary["steps"] == 2 and summary["samples"] == 8
+        runs[nproc] = torch.load(out / "pretrain_vlm_64_resume.pth", weights_only=True)["model"]
+    assert runs[1].keys() == runs[2].keys()
+    for k in runs[1]:  # a step of lr 1e-3 that used other gradients would differ by ~1e-3
+        torch.testing.assert_close(runs[2][k], runs[1][k], rtol=1e-4, atol=1e-5, msg=k)
