@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 
 from model import resolve
-from model.chat import DEFAULT_PROMPT, ChatInputError, answer, open_image, with_image_markers
+from model.chat import DEFAULT_PROMPT, ChatInputError, answer, build_batch, open_image, with_image_markers
 from model.generate import generate
 from model.load import ModelLoadError, add_model_args, load_model
 
@@ -134,38 +134,34 @@ def read_bench(path: Path) -> list[dict]:
 @torch.inference_mode()
 def bench(model, tokenizer, args: argparse.Namespace) -> dict:
     from PIL import Image
-    from dataset.image_processing import preprocess_image
-    from dataset.lm_dataset import render_conversation
-    rows = read_bench(resolve(args.bench))
+    from tqdm import tqdm
+    path = resolve(args.bench)
+    rows = read_bench(path)
     if args.bench_limit:
         rows = rows[:args.bench_limit]
     choices = defaultdict(set)
     for r in rows:
         choices[r["kind"]].add(normalise(r["answer"]))
     blank = Image.new("RGB", (224, 224), (128, 128, 128))
-    tokenizer.padding_side = "left"  # batched prompts end together, right where generation starts
     results, t0 = [], time.perf_counter()
-    for start in range(0, len(rows), args.batch_size):
-        batch = rows[start:start + args.batch_size]
-        texts = [render_conversation(tokenizer, r["messages"], add_generation_prompt=True,
-                                     image_token=model.config.image_special_token) for r in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        n_img = max(len(r["images"]) for r in batch)
-        pixel_values = None
-        if n_img:  # rows with fewer images get zero images in the spare places (never used)
-            pixel_values = torch.zeros(len(batch), n_img, 3, 224, 224)
-            for i, r in enumerate(batch):
-                for j, b in enumerate(r["images"]):
-                    pixel_values[i, j] = preprocess_image(blank if args.blank_image else open_image(b, "image"))
-            pixel_values = pixel_values.to(model.dtype)
-        out = generate(model, enc["input_ids"], enc["attention_mask"], pixel_values,
-                       max_new_tokens=args.bench_max_new_tokens, temperature=0.0,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
-        for r, ids in zip(batch, out.tolist()):
-            pred = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results.append({"kind": r["kind"], "answer": r["answer"], "prediction": pred,
-                            "correct": is_correct(pred, r["answer"], choices[r["kind"]])})
-        print(f"  {len(results)}/{len(rows)} rows", file=sys.stderr, flush=True)
+    with tqdm(total=len(rows), desc=f"bench {path.name}", unit="row") as bar:
+        for start in range(0, len(rows), args.batch_size):
+            batch = rows[start:start + args.batch_size]
+            names = [f"{path} row {start + i}" for i in range(len(batch))]
+            images = [[blank if args.blank_image else open_image(b, f"{name} image {j}")
+                       for j, b in enumerate(r["images"])] for r, name in zip(batch, names)]
+            input_ids, attention_mask, pixel_values = build_batch(
+                tokenizer, [r["messages"] for r in batch], images, model.config.image_special_token, names)
+            if pixel_values is not None:
+                pixel_values = pixel_values.to(model.dtype)
+            out = generate(model, input_ids, attention_mask, pixel_values,
+                           max_new_tokens=args.bench_max_new_tokens, temperature=0.0,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
+            for r, ids in zip(batch, out.tolist()):
+                pred = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                results.append({"kind": r["kind"], "answer": r["answer"], "prediction": pred,
+                                "correct": is_correct(pred, r["answer"], choices[r["kind"]])})
+            bar.update(len(batch))
     per_kind = {}
     for kind in sorted(choices):
         got = [x["correct"] for x in results if x["kind"] == kind]

@@ -58,20 +58,47 @@ def open_image(src: bytes | str, name: str = "image") -> Any:
     return img
 
 
-def build_inputs(tokenizer: Any, messages: list[dict], images: list, image_token: str
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """messages (roles user/assistant/system, `<image>` markers in the text) + PIL images in marker
-    order -> (input_ids [1, T], pixel_values [1, N, 3, 224, 224] or None), with the generation prompt."""
+def check_conversation(messages: list[dict], n_images: int) -> None:
+    """Raise ChatInputError unless `messages` ends with a non-empty user turn whose `<image>` markers
+    match the images given."""
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise ChatInputError("the prompt is empty: type a question")
     n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
-    if n_markers != len(images):
-        raise ChatInputError(f"the conversation has {n_markers} <image> marker(s) but {len(images)} image(s)")
-    if len(images) > MAX_IMAGES:
-        raise ChatInputError(f"at most {MAX_IMAGES} images per conversation (got {len(images)})")
-    text = render_conversation(tokenizer, messages, add_generation_prompt=True, image_token=image_token)
-    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    pixel_values = torch.stack([preprocess_image(im) for im in images])[None] if images else None
+    if n_markers != n_images:
+        raise ChatInputError(f"the conversation has {n_markers} <image> marker(s) but {n_images} image(s)")
+    if n_images > MAX_IMAGES:
+        raise ChatInputError(f"at most {MAX_IMAGES} images per conversation (got {n_images})")
+
+
+def build_batch(tokenizer: Any, conversations: list[list[dict]], images: list[list], image_token: str,
+                names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Several chats -> (input_ids [B, T] left-padded so every prompt ends where generation starts,
+    attention_mask [B, T], pixel_values [B, Nmax, 3, 224, 224] or None). Each chat's PIL images come in
+    marker order; a chat with fewer than Nmax images gets zeros in the spare places (never read).
+    A bad chat raises ChatInputError, prefixed with its entry of `names` when given."""
+    for i, (messages, imgs) in enumerate(zip(conversations, images, strict=True)):
+        try:
+            check_conversation(messages, len(imgs))
+        except ChatInputError as e:
+            raise ChatInputError(f"{names[i]}: {e}" if names else str(e)) from None
+    texts = [render_conversation(tokenizer, m, add_generation_prompt=True, image_token=image_token)
+             for m in conversations]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    n_max = max(len(imgs) for imgs in images)
+    pixel_values = None
+    if n_max:
+        pixel_values = torch.zeros(len(images), n_max, 3, 224, 224)
+        for i, imgs in enumerate(images):
+            for j, img in enumerate(imgs):
+                pixel_values[i, j] = preprocess_image(img)
+    return enc["input_ids"], enc["attention_mask"], pixel_values
+
+
+def build_inputs(tokenizer: Any, messages: list[dict], images: list, image_token: str
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chat (messages with roles user/assistant/system, `<image>` markers in the text, PIL images in
+    marker order) -> (input_ids [1, T], pixel_values [1, N, 3, 224, 224] or None), with the generation prompt."""
+    input_ids, _, pixel_values = build_batch(tokenizer, [messages], [images], image_token)
     return input_ids, pixel_values
 
 

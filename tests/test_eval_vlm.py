@@ -100,3 +100,19 @@ def test_weight_file_helpers(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in list_weight_files(tmp_path)] == ["sft_vlm_64.pth"]
     assert list_weight_files(tmp_path / "absent") == []
+
+
+def test_bench_file_mistakes_name_the_row(flags, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    conv = [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "red"}]
+    rows = {"conversations": [json.dumps(conv)] * 3, "image_bytes": [[png_bytes()], [], [b"junk"]]}
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.table(rows), path)
+    assert eval_vlm.main(flags + ["--bench", str(path), "--batch_size", "2"]) == 2
+    assert f"{path} row 1: the conversation has 1 <image> marker(s) but 0 image(s)" in capsys.readouterr().err
+    assert eval_vlm.main(flags + ["--bench", str(path), "--bench_limit", "1"]) == 0  # row 0 alone is fine
+    capsys.readouterr()
+    pq.write_table(pa.table({"conversations": [json.dumps(conv)], "image_bytes": [[b"junk"]]}), path)
+    assert eval_vlm.main(flags + ["--bench", str(path)]) == 2
+    assert f"{path} row 0 image 0 is not an image" in capsys.readouterr().err
