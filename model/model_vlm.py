@@ -46,7 +46,7 @@ def load_vision_encoder(path: str | Path) -> CLIPVisionModel:
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"no CLIP model at {path}: run `python scripts/download.py --clip` for the real "
+            f"no CLIP model at {path}: run `python scripts/download.py clip` for the real "
             f"openai/clip-vit-base-patch16, or `python scripts/make_tiny_clip.py` for an offline stand-in")
     encoder = CLIPVisionModel.from_pretrained(str(path))
     encoder.requires_grad_(False)
@@ -85,6 +85,15 @@ class MiniMindVLM(MiniMindForCausalLM):
         super().__init__(config)
         self.vision_encoder = load_vision_encoder(vision_model_path) if vision_model_path else None
         self.vision_proj = VisionProj(VISION_DIM, config.hidden_size)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, vision_model_path: str | Path | None = None, **kwargs: Any) -> "MiniMindVLM":
+        """transformers' from_pretrained, then the frozen CLIP tower from `vision_model_path` (a MiniMind-V
+        folder never holds it; handing the path to __init__ would load it on transformers' meta device)."""
+        model = super().from_pretrained(*args, **kwargs)
+        if vision_model_path is not None:
+            model.vision_encoder = load_vision_encoder(vision_model_path).to(model.device)
+        return model
 
     def train(self, mode: bool = True) -> "MiniMindVLM":
         super().train(mode)

@@ -7,8 +7,8 @@
 
 The folder loads offline with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
 and with `eval_vlm.py --load_from FOLDER`. Like the `.pth`, it holds no CLIP vision tower: the entry
-points attach it from `--vision_model_path`; in your own code, after from_pretrained, set
-`model.vision_encoder = load_vision_encoder(clip_folder)` (model/model_vlm.py). config.json names the
+points attach it from `--vision_model_path`; in your own code pass `vision_model_path=clip_folder` to
+from_pretrained (or set `model.vision_encoder = load_vision_encoder(clip_folder)` afterwards). config.json names the
 expected encoder under `vision_model`, for reference only. The tied lm_head is saved once
 (transformers re-ties it on load); weights are saved in fp16 like the `.pth` files, so a round trip
 is exact.

@@ -50,6 +50,21 @@ def test_from_pretrained_offline_gives_identical_logits(converted, tiny_clip):
     assert torch.equal(logits_of(hf, tiny_clip), logits_of(native, tiny_clip))
 
 
+def test_from_pretrained_attaches_the_vision_tower(converted, tiny_clip):
+    """`vision_model_path=` loads CLIP after the folder (not inside __init__ on the meta device)."""
+    from transformers import AutoModelForCausalLM
+    from model.model_vlm import load_vision_encoder
+    d, src, _ = converted
+    hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), trust_remote_code=True, dtype=torch.float32,
+                                              vision_model_path=tiny_clip)
+    ref = load_vision_encoder(tiny_clip).state_dict()
+    got = hf.vision_encoder.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    native = MiniMindVLM(VLMConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS))
+    load_weights(native, src)
+    assert torch.equal(logits_of(hf, tiny_clip), logits_of(native, tiny_clip))
+
+
 def test_round_trip_back_to_pth_is_exact(converted):
     d, src, flags = converted
     out = d / "back.pth"
