@@ -83,7 +83,7 @@ def build_batch(tokenizer: Any, conversations: list[list[dict]], images: list[li
             raise ChatInputError(f"{names[i]}: {e}" if names else str(e)) from None
     texts = [render_conversation(tokenizer, m, add_generation_prompt=True, image_token=image_token)
              for m in conversations]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, padding_side="left", add_special_tokens=False)
     n_max = max(len(imgs) for imgs in images)
     pixel_values = None
     if n_max:
