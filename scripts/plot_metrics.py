@@ -54,7 +54,8 @@ def plot(logs: list[Path], out: Path, labels: list[str] | None = None, window: i
         if not steps:
             raise ValueError(f"{log} holds no step/loss records: is it a trainer metrics log?")
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
-        ax.plot(steps, smooth(losses, window), color="tab:blue", linewidth=1.8, label=f"centred mean of {2 * (window // 2) + 1}")
+        ax.plot(steps, smooth(losses, window), color="tab:blue", linewidth=1.8,
+                label=f"centred mean of {2 * (window // 2) + 1}")
         ax.set(title=label, xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend()
