@@ -37,6 +37,8 @@ class TokenClock:
         if self.skip:  # transformers first puts the prompt
             self.skip = False
             return
+        if value.is_cuda:  # a CUDA token is only queued work until the device has computed it
+            torch.cuda.synchronize(value.device)
         self.times.append(time.perf_counter())
 
     __call__ = put
