@@ -38,6 +38,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER),
                    help="tokenizer folder (for a transformers folder its own tokenizer is used when present)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and activations: auto = float32 on CPU, bfloat16 on CUDA (float16 without bf16)")
     return parser
 
 
@@ -49,8 +51,14 @@ def add_serve_args(parser: argparse.ArgumentParser, port: int) -> argparse.Argum
     return parser
 
 
-def pick_dtype(device: str | torch.device) -> torch.dtype:
-    """fp32 on CPU (the original's unconditional .half() broke CPU); bf16 on CUDA where supported, else fp16."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(device: str | torch.device, requested: str = "auto") -> torch.dtype:
+    """`requested` unless "auto": then fp32 on CPU (the original's unconditional .half() broke CPU),
+    bf16 on CUDA where supported, else fp16."""
+    if requested != "auto":
+        return DTYPES[requested]
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
@@ -95,7 +103,7 @@ def _tokenizer(path: str | Path):
 def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
     """(model in eval mode on args.device, tokenizer) as selected by the add_model_args flags."""
     device = torch.device(args.device)
-    dtype = pick_dtype(device)
+    dtype = pick_dtype(device, getattr(args, "dtype", "auto"))
     if args.load_from == "model":
         path = native_weight_file(args)
         if not path.is_file():

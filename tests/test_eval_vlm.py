@@ -91,6 +91,22 @@ def test_bench_on_synthetic_eval(flags, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("accuracy: ")
 
 
+def test_dtype_flag(flags, images, tmp_path, capsys):
+    import argparse
+
+    import torch
+
+    from model.load import add_model_args, load_model, pick_dtype
+    assert pick_dtype("cpu") == torch.float32
+    assert pick_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert pick_dtype("cuda", "float32") == torch.float32  # an explicit choice needs no device query
+    args = add_model_args(argparse.ArgumentParser()).parse_args(flags[:-2] + ["--dtype", "bfloat16"])
+    model, _ = load_model(args)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert eval_vlm.main(flags + ["--dtype", "bfloat16", "--image", str(images / "red.png"), "--prompt", "Colour?"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+
+
 def test_weight_file_helpers(tmp_path):
     from model.load import list_weight_files, parse_weight_name
     assert parse_weight_name("sft_vlm_512.pth") == {"weight": "sft_vlm", "hidden_size": 512, "use_moe": 0}
