@@ -91,7 +91,7 @@ def test_bench_on_synthetic_eval(flags, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("accuracy: ")
 
 
-def test_dtype_flag(flags, images, tmp_path, capsys):
+def test_dtype_flag(flags, images, capsys):
     import argparse
 
     import torch
