@@ -47,16 +47,17 @@ EOF
 step tests timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_generate.py tests/test_model.py tests/test_model_vlm.py
 
 # Also makes the synthetic task and the tiny CLIP stand-in that the training checks below use.
+# MODEL: the quickstart's model (hidden 128 x 4, the project's tokenizer, the tiny CLIP stand-in).
+MODEL=(--hidden_size 128 --num_hidden_layers 4 --tokenizer_path model/tokenizer
+       --vision_model_path model/vision_model/clip-tiny-random)
 step quickstart timeout 300 $PY scripts/quickstart.py --out "$WORK/quickstart"
 # The same GPU-trained weights scored on the CPU in fp32: if the GPU's score differs from a CPU run's, this
 # tells training from inference (an H100 scored 0.80 against the CPUs' 0.92; README, Results).
-step quickstart_cpu_eval timeout 300 $PY eval_vlm.py --hidden_size 128 --num_hidden_layers 4 --weight sft_vlm \
-    --save_dir "$WORK/quickstart" --tokenizer_path model/tokenizer --vision_model_path model/vision_model/clip-tiny-random \
+step quickstart_cpu_eval timeout 300 $PY eval_vlm.py "${MODEL[@]}" --weight sft_vlm --save_dir "$WORK/quickstart" \
     --bench dataset/synthetic/eval.parquet --bench_out "$LOG/quickstart_cpu_eval.json" --temperature 0 --device cpu
 cp "$WORK/quickstart/sft_vlm_128.pth" "$LOG/" 2>/dev/null
 
-FLAGS=(--hidden_size 128 --num_hidden_layers 4 --tokenizer_path model/tokenizer
-       --vision_model_path model/vision_model/clip-tiny-random --num_workers 4 --log_interval 5)
+FLAGS=("${MODEL[@]}" --num_workers 4 --log_interval 5)
 DDP=(timeout 150 torchrun --standalone --nproc_per_node 1 trainer/train_pretrain_vlm.py "${FLAGS[@]}"
      --data_path dataset/synthetic/pretrain.parquet --from_weight none --freeze_llm 0 --learning_rate 1e-3
      --batch_size 16 --epochs 1 --max_steps 60 --save_interval 10 --use_compile 1 --dtype bfloat16)
