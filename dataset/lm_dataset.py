@@ -283,6 +283,75 @@ def collate_fn(items: list[dict]) -> dict:
             "bad_rows": [s for it in items for s in it.get("skipped", [])]}
 
 
+def first_fit_packs(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group rows (given by their token lengths) into packs of at most `capacity` tokens: first-fit,
+    longest row first. Returns the packs as lists of row positions; every row lands in exactly one."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for p, free in enumerate(room):
+            if lengths[i] <= free:
+                packs[p].append(i)
+                room[p] -= lengths[i]
+                break
+        else:
+            packs.append([i])
+            room.append(capacity - lengths[i])
+    return packs
+
+
+def collate_packed(items: list[dict], capacity: int) -> dict:
+    """The rows of a batch packed into as few sequences of at most `capacity` tokens as first-fit
+    finds. The batch is the same sample of rows as `collate_fn`'s, only laid out densely:
+
+    input_ids / labels / attention_mask [P, T] as in `collate_fn` (T = the longest pack);
+    position_ids [P, T]: restart at 0 with each row (its rotary positions are those it has alone);
+    segment_ids [P, T]: 1 + the row's position in the batch, 0 on padding; attention stays inside a
+    segment (see model.model_minimind.segment_attention_mask);
+    image_row, image_pos [P, M]: pack p's k-th image is row image_row[p, k]'s image image_pos[p, k]
+    (entries past a pack's images point at any image and are never read);
+    pixel_values, num_images, index, bad_rows: per row, exactly as `collate_fn` gives them.
+
+    The first label of every row is never supervised (a row starts with its chat header), so no
+    position predicts across a row boundary.
+    """
+    rows = collate_fn(items)
+    lens = rows["attention_mask"].sum(dim=1)
+    packs = first_fit_packs(lens.tolist(), capacity)
+    order = torch.tensor([i for p in packs for i in p], dtype=torch.long)
+    pack_of = torch.tensor([k for k, p in enumerate(packs) for _ in p], dtype=torch.long)
+    row_len = lens[order]
+    # each row's start inside its pack: exclusive cumulative sum of lengths, restarted per pack
+    ends = row_len.cumsum(0)
+    pack_first = torch.tensor([0] + [len(p) for p in packs], dtype=torch.long).cumsum(0)[:-1]
+    start = ends - row_len - (ends - row_len)[pack_first][pack_of]
+    P, T = len(packs), int((start + row_len).max())
+    real = rows["attention_mask"][order].bool()  # [B, Tmax] in pack order
+    offset = torch.arange(real.shape[1]).expand_as(real)
+    dest = ((pack_of * T + start)[:, None] + offset)[real]  # flat [P*T] position of every real token
+    out = {}
+    for key, fill, src in (("input_ids", PAD_ID, rows["input_ids"][order][real]),
+                           ("labels", IGNORE, rows["labels"][order].index_fill(1, torch.tensor([0]), IGNORE)[real]),
+                           ("position_ids", 0, offset[real]),
+                           ("segment_ids", 0, (order + 1)[:, None].expand_as(real)[real])):
+        flat = torch.full((P * T,), fill, dtype=torch.long)
+        flat[dest] = src
+        out[key] = flat.view(P, T)
+    out["attention_mask"] = (out["segment_ids"] > 0).long()
+    # images in pack order: each pack's images are its rows' images, row after row
+    n = rows["num_images"][order]
+    first = (n.cumsum(0) - n).repeat_interleave(n)
+    per_pack = torch.zeros(P, dtype=torch.long).index_add(0, pack_of, n)
+    img_pack = pack_of.repeat_interleave(n)
+    slot = torch.arange(len(img_pack)) - (per_pack.cumsum(0) - per_pack)[img_pack]
+    image_row = torch.zeros(P, max(1, int(per_pack.max())), dtype=torch.long)
+    image_pos = torch.zeros_like(image_row)
+    image_row[img_pack, slot] = order.repeat_interleave(n)
+    image_pos[img_pack, slot] = torch.arange(len(img_pack)) - first
+    return {**rows, **out, "image_row": image_row, "image_pos": image_pos}
+
+
 class BadRowStats:
     """Main-process tally of the bad rows the loader skipped (fed from `batch["bad_rows"]`)."""
 

@@ -284,6 +284,15 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_l
     return mask
 
 
+def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask [B, 1, T, T] for packed sequences: segment_ids [B, T] number the rows packed
+    into each sequence; a token attends causally within its own row and never across rows, so each
+    row computes exactly what it would alone. Padding (any shared id, e.g. 0) sees only padding."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+
+
 class MiniMindModel(nn.Module):
     def __init__(self, config: MiniMindConfig):
         super().__init__()

@@ -57,7 +57,7 @@ def model_flags(out_dir: Path) -> list[str]:
             "--tokenizer_path", PROJECT_TOKENIZER, "--vision_model_path", TINY_CLIP]
 
 
-def train(stage: str, data_dir: Path, out_dir: Path, force: bool) -> float:
+def train(stage: str, data_dir: Path, out_dir: Path, force: bool, seed: int) -> float:
     cfg = STAGES[stage]
     weights = out_dir / f"{stage}_vlm_{HIDDEN}.pth"
     if weights.exists() and not force:
@@ -68,7 +68,8 @@ def train(stage: str, data_dir: Path, out_dir: Path, force: bool) -> float:
     run([cfg["script"], *model_flags(out_dir), "--data_path", data_dir / cfg["data"],
          "--from_weight", cfg["from_weight"], "--freeze_llm", 0, "--learning_rate", cfg["lr"],
          "--batch_size", cfg["batch_size"], "--max_seq_len", cfg["max_seq_len"], "--epochs", 1,
-         "--max_steps", cfg["max_steps"], "--num_workers", 1, "--log_interval", 5, "--save_interval", 50])
+         "--max_steps", cfg["max_steps"], "--num_workers", 1, "--log_interval", 5, "--save_interval", 50,
+         "--seed", seed])
     return time.perf_counter() - t0
 
 
@@ -92,11 +93,15 @@ def table(real: dict, blank: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out/quickstart", help="weights, logs, scores and the loss plot")
+    ap.add_argument("--seed", type=int, default=0, help="seed of both training runs (model init and data order); "
+                    "the synthetic task itself is always seed 0, so every seed is scored on the same questions")
+    ap.add_argument("--out", default=None, help="weights, logs, scores and the loss plot "
+                    "(default: out/quickstart, or out/quickstart_seedN for --seed N > 0)")
     ap.add_argument("--data", default="dataset/synthetic", help="where the synthetic task is written")
     ap.add_argument("--force", action="store_true", help="redo every step even if its output exists")
     args = ap.parse_args()
-    out_dir, data_dir = resolve(args.out), resolve(args.data)
+    out_dir = resolve(args.out or ("out/quickstart" if args.seed == 0 else f"out/quickstart_seed{args.seed}"))
+    data_dir = resolve(args.data)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -104,7 +109,7 @@ def main() -> None:
     print(f"[clip] stand-in at {make_clip(TINY_CLIP)}")
     run(["scripts/make_synthetic_data.py", "--out", data_dir, "--seed", 0,
          *[a for k, v in DATA_SIZES.items() for a in (f"--{k}", v)], *(["--overwrite"] if args.force else [])])
-    times = {stage: train(stage, data_dir, out_dir, args.force) for stage in STAGES}
+    times = {stage: train(stage, data_dir, out_dir, args.force, args.seed) for stage in STAGES}
     real = score(data_dir, out_dir, blank=False, force=args.force or any(times.values()))
     blank = score(data_dir, out_dir, blank=True, force=args.force or any(times.values()))
 

@@ -27,3 +27,13 @@ def fixture_tokenizer_path() -> Path:
     if not (FIXTURE_TOKENIZER / "tokenizer.json").exists():
         pytest.skip("published tokenizer fixture (../shared/fixtures/minimind_tokenizer) is absent")
     return FIXTURE_TOKENIZER
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (the suite shares two cores; results do not depend on it)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,18 +9,12 @@ from tests.train_helpers import make_data, metrics, tiny_flags
 
 TINY = dict(hidden_size=64, num_hidden_layers=2)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data"), n=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_loss_falls_and_feature_cache_fills(data, tiny_clip, tmp_path):

@@ -83,6 +83,24 @@ def test_data_order_is_world_size_free_and_resumes_at_the_right_sample():
     assert not (rows_in_step_order(lengths, 4, 1, seed=3, epoch=2)[:n] == one[:n]).all()
 
 
+def test_default_order_is_a_uniform_shuffle_grouping_is_opt_in():
+    """Where the kind of row sets its length, the default order still mixes kinds in every batch;
+    length grouping (opt-in) makes nearly every batch one kind."""
+    lengths = np.array([220] * 400 + [420] * 400)  # e.g. one-image vs two-image questions
+    def mixed_share(group: bool) -> float:
+        s = RankSampler(lengths, 16, 0, 1, seed=0, group_by_length=group)
+        s.set_epoch(0)
+        batches = lengths[np.array(list(s)).reshape(-1, 16)]
+        return float(np.mean(batches.min(axis=1) != batches.max(axis=1)))
+    assert mixed_share(False) > 0.95 and mixed_share(True) < 0.1
+    s = RankSampler(lengths, 16, 0, 1, seed=0)
+    s.set_epoch(0)
+    order = np.array(list(s))
+    assert sorted(order) == list(range(800))  # a permutation of the epoch, no wrapping needed
+    # no correlation between position in the epoch and row length
+    assert abs(np.corrcoef(np.arange(800), lengths[order])[0, 1]) < 0.1
+
+
 def test_feature_cache_hits_equal_misses(tmp_path):
     fp = {"data": "x"}
     cache = FeatureCache(tmp_path, fp)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model import DATA_DIR, DEFAULT_CLIP, DEFAULT_TOKENIZER, OUT_DIR, resolve
+from model.model_minimind import segment_attention_mask
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.weights import VISION_PREFIX, load_weights, save_weights, weight_path
 from trainer import checkpoint as ckpt
@@ -85,6 +86,11 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--seed", type=int, default=42, help="model init and data order; the run is a function of it")
     a("--max_steps", type=int, default=0, help="stop after this many optimizer steps in all (0: run every epoch); "
       "the schedule then spans max_steps")
+    a("--group_by_length", type=int, default=0, choices=[0, 1],
+      help="1: batches of rows of similar length (less padding, but correlated batches: see the README)")
+    a("--packing", type=int, default=1, choices=[0, 1],
+      help="1: pack each batch's rows into sequences of at most --max_seq_len tokens (the same rows, less "
+      "padding; attention never crosses rows); 0: pad every row to the batch's longest")
     a("--feature_cache", default=None, help="folder for an on-disk cache of the frozen encoder's features "
       "(worth it from the second epoch on)")
     return p
@@ -205,17 +211,27 @@ def image_features(model: MiniMindVLM, batch: dict, device: torch.device, cache:
 
 def batch_loss(model: torch.nn.Module, raw: MiniMindVLM, batch: dict, device: torch.device, autocast: Any,
                cache: FeatureCache | None = None) -> torch.Tensor:
-    """The training loss of one micro-batch (cross-entropy over supervised positions + MoE aux loss)."""
+    """The training loss of one micro-batch (cross-entropy over supervised positions + MoE aux loss),
+    from a padded batch (`collate_fn`) or a packed one (`collate_packed`): the same number either way."""
     ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    mask = batch["attention_mask"]
-    # Right padding under causal attention: real tokens never see the pads after them and pads are
-    # unsupervised, so the mask changes nothing but would force the slower masked attention path.
-    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    mask, extra = batch["attention_mask"], {}
+    packed = "segment_ids" in batch
+    if packed:  # rows side by side: attention stays inside each row, positions restart with it
+        mask = segment_attention_mask(batch["segment_ids"].to(device, non_blocking=True))
+        extra["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+    elif bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        # Right padding under causal attention: real tokens never see the pads after them and pads
+        # are unsupervised, so the mask changes nothing but would force the slower masked path.
+        mask = None
+    else:
+        mask = mask.to(device)
     with autocast:
-        feats = image_features(raw, batch, device, cache)
+        feats = image_features(raw, batch, device, cache)  # per row [B, N, 196, 768]
+        if packed and feats is not None:  # per pack, in the order of its image slots
+            feats = feats[batch["image_row"].to(device), batch["image_pos"].to(device)]
         out = model(input_ids=ids, labels=labels, image_features=feats, return_logits=False,
-                    attention_mask=None if right_padded else mask.to(device))
+                    attention_mask=mask, **extra)
     return out.loss
 
 
@@ -298,7 +314,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     cache = None
     if args.feature_cache:
         cache = FeatureCache(Path(args.feature_cache).expanduser(), fingerprint(dataset.path, resolve(args.vision_model_path)))
-    geometry = RankSampler(dataset.lengths(show_progress=env.main), args.batch_size, env.rank, env.world, args.seed)
+    geometry = RankSampler(dataset.lengths(show_progress=env.main), args.batch_size, env.rank, env.world, args.seed,
+                           bool(args.group_by_length))
     n_epoch, batches = geometry.epoch_samples, geometry.batches_per_rank
     spe = steps_per_epoch(batches, args.accumulation_steps)
     total = args.epochs * spe if not args.max_steps else min(args.epochs * spe, args.max_steps)
@@ -319,6 +336,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                  n_epoch, pos.step, "" if same_geometry else
                  f" (saved with world size {state['world_size']}, batch {state['batch_size']}: continuing at the same sample)")
 
+    # MoE's load-balancing loss is taken per sequence, so packing would change it: MoE trains padded.
+    pack_len = args.max_seq_len if args.packing and not moe else 0
+    if args.packing and moe:
+        log.info("--packing 1 is ignored with --use_moe 1 (its load-balancing loss is per sequence)")
     raw = model
     if args.use_compile:
         raw.model.compile()  # the decoder stack; image splicing and the sparse loss stay eager
@@ -363,7 +384,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if finished:
                 break
             loader = make_loader(dataset, args.batch_size, env.rank, env.world, args.seed, epoch,
-                                 pos.samples if epoch == pos.epoch else 0, args.num_workers, env.device.type == "cuda")
+                                 pos.samples if epoch == pos.epoch else 0, args.num_workers, env.device.type == "cuda",
+                                 group_by_length=bool(args.group_by_length), pack_len=pack_len)
             skip = loader.sampler.skip * args.batch_size
             n_batches, samples = len(loader), skip
             bad.reset()
@@ -375,7 +397,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     loss = batch_loss(model, raw, batch, env.device, autocast, cache)
                     scaler.scale(loss / args.accumulation_steps).backward()
                 loss_sum += loss.detach()
-                window += torch.tensor([0.0, 1.0, batch["input_ids"].shape[0], float(batch["attention_mask"].sum())],
+                window += torch.tensor([0.0, 1.0, len(batch["index"]), float(batch["attention_mask"].sum())],
                                        dtype=torch.float64)
                 samples = skip + (micro + 1) * args.batch_size * env.world
                 if not last:
