@@ -8,18 +8,23 @@ threads, each of the step's ~1000 parallel ops waits for a thread the OS gave to
 which costs the short ops of our step far more than the original's long ones.
 
 `train` measures one optimizer step of pretraining (hidden 512 x 8, batch 16, max_seq_len 640,
-fp32, --freeze_llm 1) on the synthetic captions, the same batches two ways:
+fp32, --freeze_llm 1) on the synthetic captions: the same rows (the trainer's default uniformly
+shuffled order) stepped four ways:
   original  every row padded to max_seq_len, full-vocabulary logits at every position, the loss
             masked afterwards (the published scripts' behaviour; our vectorised model underneath,
             so if anything this baseline is faster than the real original);
-  ours      trainer/train_loop.py's step: rows padded to the batch's longest, lm_head and the loss
-            only at supervised positions, the frozen encoder once per step in inference mode;
-  ours_cached  the same step reading the encoder's features from --feature_cache (what epochs 2+
-            of a multi-epoch run do; the cache is filled during the warm-up).
-Warm-up steps per mode, then timed steps alternating between the modes (a busy machine slows
-both alike); reported are samples/s and tokens/s (real tokens) at the fastest step time (the
-least disturbed by other work; the median is in the JSON), the vision encoder's share of a step,
-FLOPs per step (torch's FlopCounterMode) and the achieved FLOP/s, and peak memory.
+  padded    trainer/train_loop.py's step with --packing 0: rows padded to the batch's longest,
+            lm_head and the loss only at supervised positions, the frozen encoder once per step;
+  packed    the same with --packing 1 (the default): the batch's rows packed into sequences of at
+            most max_seq_len tokens, attention kept inside each row;
+  packed_cached  packed, reading the encoder's features from --feature_cache (what epochs 2+ of a
+            multi-epoch run do; the cache is filled during the warm-up).
+All four compute the same loss on the same rows (tests/test_learning_equivalence.py); they differ
+only in how much padding they compute (pad_share: the share of computed positions that are padding)
+and in what they skip. Warm-up steps per mode, then timed steps alternating between the modes (a
+busy machine slows all alike); reported are samples/s and tokens/s (real tokens) at the fastest
+step time (the least disturbed by other work; the median is in the JSON), the vision encoder's
+share of a step, FLOPs per step (torch's FlopCounterMode) and the achieved FLOP/s, and peak memory.
 
 `decode`: when scripts/bench_decode.py exists, its `bench_decode(args) -> dict` runs too and its
 rows are added (it may also define `add_arguments(parser)` for its own flags).
@@ -47,7 +52,7 @@ import torch.nn.functional as F
 
 from model import PROJECT_TOKENIZER, ROOT, TINY_CLIP, resolve
 
-MODES = ("original", "ours", "ours_cached")
+MODES = ("original", "padded", "packed", "packed_cached")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,14 +111,15 @@ def synthetic_captions(n: int = 256) -> Path:
 
 
 def bench_train(args: argparse.Namespace) -> list[dict]:
-    """Both modes on the same model and batches, in this process. Timed steps alternate between
+    """Every mode on the same model and rows, in this process. Timed steps alternate between
     the modes, so a machine shared with other work slows both alike and the ratio stays fair.
     Peak memory: each mode's warm-up runs alone, smallest first (on CPU the process high-water
     mark only grows)."""
     from torch.utils.flop_counter import FlopCounterMode
     from dataset.lm_dataset import VLMDataset
     from model.model_vlm import MiniMindVLM, VLMConfig
-    from trainer.data import make_loader
+    from dataset.lm_dataset import collate_fn, collate_packed
+    from trainer.data import RankSampler
     from trainer.feature_cache import FeatureCache
     from trainer.progress import peak_memory_mb
     from trainer.recipe import set_trainable
@@ -130,11 +136,14 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     optimizer = torch.optim.AdamW(params, lr=4e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     dataset = VLMDataset(resolve(args.data), load_tokenizer(args.tokenizer_path), max_length=args.max_seq_len)
-    loader = make_loader(dataset, args.batch_size, 0, 1, args.seed, 0, 0, num_workers=0, pin_memory=False,
-                         show_progress=False)
-    it = iter(loader)
-    batches = [next(it) for _ in range(args.warmup + args.steps)]  # loaded up front: the step alone is timed
-    warm, timed = batches[:args.warmup], batches[args.warmup:]
+    sampler = RankSampler(dataset.lengths(show_progress=False), args.batch_size, 0, 1, args.seed)
+    rows = sampler.order.global_order()[:args.warmup + args.steps]
+    items = [[dataset[int(i)] for i in r] for r in rows]  # loaded up front: the step alone is timed
+    layouts = {"padded": [collate_fn(it) for it in items],
+               "packed": [collate_packed(it, args.max_seq_len) for it in items]}
+    layouts["original"] = layouts["padded"]
+    layouts["packed_cached"] = layouts["packed"]
+    warm, timed = range(args.warmup), range(args.warmup, args.warmup + args.steps)
     model.train()
 
     def sync() -> None:
@@ -143,55 +152,61 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
 
     cache = FeatureCache(Path(tempfile.mkdtemp(prefix="bench_features_")), {"bench": args.data})
 
-    def step(mode: str, batch: dict) -> float:
+    def step(mode: str, i: int) -> float:
+        batch = layouts[mode][i]
         sync()
         t = time.perf_counter()
         loss = (original_step_loss(model, batch, args.max_seq_len, device) if mode == "original"
-                else batch_loss(model, model, batch, device, nullcontext(), cache if mode == "ours_cached" else None))
+                else batch_loss(model, model, batch, device, nullcontext(), cache if mode == "packed_cached" else None))
         loss.backward()
         optimizer_step(optimizer, scaler, params, 1.0, 4e-4)
         sync()
         return time.perf_counter() - t
 
     peak = {}
-    for mode in ("ours_cached", "ours", "original"):  # growing peaks (the CPU high-water mark only grows)
+    for mode in ("packed_cached", "packed", "padded", "original"):  # growing peaks (the CPU high-water mark only grows)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        warm_s = [step(mode, batch) for batch in (warm if mode != "ours_cached" else batches)]  # fill the cache
+        warm_s = [step(mode, i) for i in (warm if mode != "packed_cached" else range(len(rows)))]  # fill the cache
         peak[mode] = peak_memory_mb(device)
         print(f"  warm-up {mode}: {peak[mode]:.0f} MB peak, " + " ".join(f"{t:.2f}s" for t in warm_s), flush=True)
     times = {m: [] for m in MODES}
-    for i, batch in enumerate(timed):
-        for mode in (MODES if i % 2 == 0 else tuple(reversed(MODES))):  # alternate who goes first
-            times[mode].append(step(mode, batch))
-        print(f"  step {i + 1}/{len(timed)}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES), flush=True)
+    for k, i in enumerate(timed):
+        for mode in (MODES if k % 2 == 0 else tuple(reversed(MODES))):  # alternate who goes first
+            times[mode].append(step(mode, i))
+        print(f"  step {k + 1}/{len(timed)}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES), flush=True)
     enc = []
-    for batch in timed:
+    for i in timed:
+        batch = layouts["padded"][i]
         sync()
         t = time.perf_counter()
         encode_images(model, batch["pixel_values"], batch["num_images"], device)
         sync()
         enc.append(time.perf_counter() - t)
-    samples = sum(b["input_ids"].shape[0] for b in timed)
-    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-    rows = []
+    samples = sum(len(layouts["padded"][i]["index"]) for i in timed)
+    tokens = sum(int(layouts["padded"][i]["attention_mask"].sum()) for i in timed)
+    result = []
     for mode in MODES:
         with FlopCounterMode(display=False) as counter:
             step(mode, timed[0])
         step_s = min(times[mode])  # the least disturbed step: other work on the machine only adds time
         flops = counter.get_total_flops()  # of the first timed batch (the batches are alike in length)
-        rows.append(dict(mode=mode, step_s=step_s, step_s_median=statistics.median(times[mode]),
-                         samples_per_s=samples / len(timed) / step_s, tokens_per_s=tokens / len(timed) / step_s,
-                         seq_len=args.max_seq_len if mode == "original" else statistics.mean(
-                             b["input_ids"].shape[1] for b in timed),
-                         vision_share=0.0 if mode == "ours_cached" else min(enc) / step_s,
-                         gflop_per_step=flops / 1e9,
-                         gflop_per_s=flops / 1e9 / step_s, peak_memory_mb=peak[mode], steps=len(times[mode])))
-    return rows
+        shapes = [layouts[mode][i]["input_ids"].shape for i in timed]
+        computed = sum(len(layouts[mode][i]["index"]) * args.max_seq_len if mode == "original" else s[0] * s[1]
+                       for i, s in zip(timed, shapes))
+        result.append(dict(mode=mode, step_s=step_s, step_s_median=statistics.median(times[mode]),
+                           samples_per_s=samples / len(timed) / step_s, tokens_per_s=tokens / len(timed) / step_s,
+                           sequences=statistics.mean(s[0] for s in shapes),
+                           seq_len=args.max_seq_len if mode == "original" else statistics.mean(s[1] for s in shapes),
+                           pad_share=1 - tokens / computed,
+                           vision_share=0.0 if mode == "packed_cached" else min(enc) / step_s,
+                           gflop_per_step=flops / 1e9,
+                           gflop_per_s=flops / 1e9 / step_s, peak_memory_mb=peak[mode], steps=len(times[mode])))
+    return result
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("mode", "{}"), ("seq_len", "{:.0f}"), ("step_s", "{:.2f}"), ("step_s_median", "{:.2f}"), ("samples_per_s", "{:.2f}"),
+    cols = [("mode", "{}"), ("sequences", "{:.1f}"), ("seq_len", "{:.0f}"), ("pad_share", "{:.1%}"), ("step_s", "{:.2f}"), ("step_s_median", "{:.2f}"), ("samples_per_s", "{:.2f}"),
             ("tokens_per_s", "{:.0f}"), ("vision_share", "{:.1%}"), ("gflop_per_step", "{:.0f}"),
             ("gflop_per_s", "{:.1f}"), ("peak_memory_mb", "{:.0f}")]
     lines = [" | ".join(c for c, _ in cols), " | ".join("---" for _ in cols)]
