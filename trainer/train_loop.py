@@ -3,8 +3,9 @@
     python trainer/train_pretrain_vlm.py [flags]                      one GPU, or the CPU
     torchrun --nproc_per_node N trainer/train_sft_vlm.py [flags]      DDP: NCCL on CUDA, gloo on CPU
 
-A step: the batch (padded to its longest row) -> the frozen CLIP encoder, once for every image of
-the batch, in inference mode (or the on-disk feature cache) -> the VLM forward, whose loss projects
+A step: a uniformly random batch of rows, packed side by side into sequences of at most max_seq_len
+tokens (or padded to its longest row) -> the frozen CLIP encoder, once for every image of the
+batch, in inference mode (or the on-disk feature cache) -> the VLM forward, whose loss projects
 only the supervised positions to the vocabulary -> backward (DDP's all-reduce only on the last
 micro-batch of an accumulation group) -> unscale, clip, AdamW step at the SPEC §5 learning rate.
 Weight and resume files are written atomically by rank 0 (see checkpoint.py).
