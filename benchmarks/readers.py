@@ -226,15 +226,15 @@ def split_mmstar_options(question: str) -> tuple[str, list[str]] | None:
 def _mmstar(r: dict, where: str) -> Item:
     question = _text(r["question"]).strip()
     letters = list("ABCD")
+    answer = _letter_index(r["answer"], letters)
     parsed = split_mmstar_options(question)
     prompt = question + MMSTAR_POST
-    if parsed:  # score the option texts after the bare question
+    if parsed and answer < len(parsed[1]):  # score the option texts after the bare question
         stem, options = parsed
         letters = list(LETTERS[:len(options)])
         mc = _user(stem)
     else:  # options not recognisable: score the letters after the full prompt
         options, mc = list(letters), _user(prompt)
-    answer = _letter_index(r["answer"], letters)
     return Item(where, str(r["index"]), {"category": _text(r["category"]), "l2_category": _text(r["l2_category"])},
                 _user(prompt), mc, options, answer, letters[answer], letters, [_image(r["image"])], 1 / len(options))
 

@@ -4,7 +4,8 @@ A record (one per scored item) holds, for each pass ("images", "blank"), each me
 answer and whether it is right. Headlines follow the benchmarks' own reports:
 
     mmstar    the mean over `l2_category` of each category's accuracy (lmms-eval's "average");
-              the plain mean over items is reported beside it
+              the plain mean over items is reported beside it, and each `category` as the mean of
+              its l2 categories (lmms-eval's per-category scores)
     mmbench   circular: a question counts when every copy of it (rows whose index differs by a
               multiple of 1,000,000) is answered right; without copies this is the item accuracy
     pope      accuracy, with precision, recall, F1 and the yes-ratio (the share of the model's
@@ -109,6 +110,13 @@ def summarize(fmt: str, records: list[dict], group_label: str, passes: tuple[str
                     groups[r["labels"].get(label, "")].append(v)
                 entry["per_label"][label] = {g: {"n": len(v), "correct": int(sum(v)), "accuracy": _mean(v)}
                                              for g, v in sorted(groups.items())}
+            if fmt == "mmstar":  # lmms-eval's per-category score: the mean of its l2 categories' accuracies
+                l2 = entry["per_label"].get("l2_category", {})
+                parent = {r["labels"].get("l2_category", ""): r["labels"].get("category", "") for r in recs}
+                cats: dict[str, list[float]] = defaultdict(list)
+                for name, v in l2.items():
+                    cats[parent[name]].append(v["accuracy"])
+                entry["category_l2_mean"] = {c: _mean(v) for c, v in sorted(cats.items())}
             if fmt == "pope":
                 answers = [o[0] for _, o in scored]
                 refs = [r["reference"] for r in recs]
@@ -124,7 +132,7 @@ def summarize(fmt: str, records: list[dict], group_label: str, passes: tuple[str
     return out
 
 
-HEADLINE_NAMES = {"mmstar": "mean over l2_category (lmms-eval's average)",
+HEADLINE_NAMES = {"mmstar": "mean over l2_category",
                   "mmbench_en": "circular accuracy", "mmbench_cn": "circular accuracy",
                   "pope": "accuracy", "scienceqa": "accuracy", "qa": "accuracy"}
 
@@ -154,7 +162,7 @@ def format_table(fmt: str, summary: dict, group_label: str, passes: tuple[str, .
     if fmt in ("mmstar",) or fmt.startswith("mmbench"):
         rows.append(("item mean", "item_mean"))
     for name, key in rows:
-        row = f"{name[:width + 14]:<{width + 6}} {_pct(summary['chance'][key]):>7}"
+        row = f"{name[:width + 6]:<{width + 6}} {_pct(summary['chance'][key]):>7}"
         for m, p in cols:
             row += f" {_pct(summary[f'{m}/{p}'][key]):>14}"
         lines.append(row)

@@ -66,3 +66,18 @@ def test_headlines():
     circ = [{"uid": "7", "labels": {}}, {"uid": "1000007", "labels": {}}, {"uid": "8", "labels": {}}]
     assert headline("mmbench_en", circ, [1.0, 0.0, 1.0]) == pytest.approx(0.5)  # 7 fails on its copy
     assert headline("mmbench_en", circ, [0.25, 0.25, 0.5]) == pytest.approx((1 / 16 + 0.5) / 2)  # chance
+
+
+def test_mmstar_summary_follows_lmms_eval():
+    from benchmarks.report import summarize
+    # l2 "a" (category X): 2 of 3 right; l2 "b" (X): 0 of 1; l2 "c" (Y): 1 of 1
+    cases = [("a", "X", True), ("a", "X", True), ("a", "X", False), ("b", "X", False), ("c", "Y", True)]
+    recs = [{"uid": str(i), "labels": {"l2_category": l2, "category": cat}, "chance": 0.25, "reference": "A",
+             "images": {"generate": {"answer": "A" if ok else "B", "correct": ok}}}
+            for i, (l2, cat, ok) in enumerate(cases)]
+    s = summarize("mmstar", recs, "l2_category", ("images",), ("generate",))
+    e = s["generate/images"]
+    assert e["headline"] == pytest.approx((2 / 3 + 0 + 1) / 3) and e["item_mean"] == pytest.approx(3 / 5)
+    assert e["category_l2_mean"] == pytest.approx({"X": (2 / 3 + 0) / 2, "Y": 1.0})
+    assert e["per_label"]["category"]["X"] == {"n": 4, "correct": 2, "accuracy": 0.5}  # the plain item mean
+    assert s["chance"]["headline"] == 0.25 and "generate/blank" not in s
