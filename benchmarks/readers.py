@@ -197,6 +197,8 @@ def _user(text: str, n_images: int = 1) -> list[dict]:
 
 def _letter_index(answer: Any, letters: list[str]) -> int:
     letter = _text(answer).strip().upper()
+    if not letter:
+        raise BadRow("answer: no reference answer (a test split without answers? score the dev/val split)")
     if letter not in letters:
         raise BadRow(f"answer: {answer!r} is not one of the option letters {letters}")
     return letters.index(letter)

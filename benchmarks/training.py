@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from model import resolve
+from model.chat import ChatInputError
 
 from .readers import detect_format
 from .run import evaluate
@@ -37,9 +38,12 @@ def due(args: argparse.Namespace, step: int, finished: bool) -> bool:
 def score_record(model: Any, tokenizer: Any, args: argparse.Namespace, step: int, autocast: Any) -> dict[str, Any]:
     """Score the model (in eval mode, restored afterwards) and return the metrics-log record."""
     t0 = time.perf_counter()
-    with autocast:
-        report = evaluate(model, tokenizer, resolve(args.eval_data), limit=args.eval_limit, methods=args.eval_method,
-                          show_progress=False, echo=False)
+    try:
+        with autocast:
+            report = evaluate(model, tokenizer, resolve(args.eval_data), limit=args.eval_limit,
+                              methods=args.eval_method, show_progress=False, echo=False)
+    except ChatInputError as e:  # e.g. no row could be scored: report it, never stop a training run for it
+        return {"step": step, "eval_file": Path(args.eval_data).name, "eval_error": str(e)}
     return {"step": step, "eval_file": Path(args.eval_data).name, "eval_format": report["format"],
             "eval_method": report["method"], "eval_accuracy": report["accuracy"],
             "eval_blank_accuracy": report["blank_accuracy"], "eval_chance": report["chance"],

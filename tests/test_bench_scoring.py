@@ -2,13 +2,15 @@
 per-option loop, the blank-image baseline, and the report of a whole run."""
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmarks.readers import iter_items
 from benchmarks.run import evaluate
-from benchmarks.scoring import encode, loglik_chunk
+from benchmarks.scoring import encode, generate_chunk, loglik_chunk
 from dataset.image_processing import preprocess_image
 from dataset.lm_dataset import render_conversation
 from model.chat import open_image
@@ -105,8 +107,6 @@ def test_pope_run_report(tiny, tmp_path, capsys):
 def test_mmbench_circular_and_bad_images(tiny, tmp_path):
     model, tok = tiny
     path = fx.mmbench(tmp_path / "en.parquet", n=3, circular=True)
-    import pyarrow.parquet as pq
-    import pyarrow as pa
     rows = pq.read_table(path).to_pylist()
     rows[2]["image"] = {"bytes": b"junk", "path": "x.jpg"}
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
@@ -118,3 +118,30 @@ def test_mmbench_circular_and_bad_images(tiny, tmp_path):
     expected = ((hits["0"] and hits["1000000"]) + hits["1"]) / 2  # row 0 counts only with its copy
     assert report["accuracy"] == pytest.approx(expected)
     assert report["chance"] == pytest.approx((1 / 4 * 1 / 4 + 1 / 3) / 2)
+
+
+def test_batched_generation_matches_one_question_at_a_time(tiny_clip, tmp_path):
+    tiny_weights(tmp_path, seed=3)  # a random model that says something (others mostly stop at once)
+    model, tok = load_model(model_args(tmp_path, tiny_clip))
+    items = list(iter_items(fx.scienceqa(tmp_path / "s.parquet", n=4)))  # prompts of different lengths
+    images = [[open_image(b) for b in x.images] for x in items]
+    batched = generate_chunk(model, tok, items, images, max_new_tokens=6)
+    single = [generate_chunk(model, tok, [x], [im], max_new_tokens=6)[0] for x, im in zip(items, images)]
+    assert batched == single and sum(bool(x) for x in batched) >= 2
+
+
+def test_a_failed_score_during_training_is_recorded_not_raised(tiny, tmp_path):
+    import argparse
+    from contextlib import nullcontext
+
+    from benchmarks.training import score_record
+    model, tok = tiny
+    path = fx.pope(tmp_path / "p.parquet", n=2)
+    rows = pq.read_table(path).to_pylist()
+    for r in rows:
+        r["image"] = {"bytes": b"junk", "path": "x.jpg"}
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    args = argparse.Namespace(eval_data=str(path), eval_limit=0, eval_method="loglik")
+    rec = score_record(model, tok, args, 7, nullcontext())
+    assert rec["step"] == 7 and "no row could be scored (2 skipped" in rec["eval_error"]
+    assert model.training is False  # the mode it had is restored
