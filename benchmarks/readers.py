@@ -114,7 +114,9 @@ def bench_files(path: str | Path) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
+        # hidden folders hold huggingface_hub's download bookkeeping, never a split
+        files = sorted(f for f in p.rglob("*.parquet")
+                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if files:
             return files
         raise BenchError(f"{p}: no .parquet files in this folder (get a benchmark with "

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.readers import BenchError, Skipped, detect_format, iter_items, split_mmstar_options
+from benchmarks.readers import BenchError, Skipped, bench_files, detect_format, iter_items, split_mmstar_options
 from tests import bench_fixtures as fx
 
 
@@ -18,7 +18,10 @@ def test_layouts_are_detected_from_their_columns(tmp_path):
     assert detect_format(fx.mmbench(tmp_path / "en" / "dev-00000-of-00001.parquet")) == "mmbench_en"
     assert detect_format(fx.mmbench(tmp_path / "zh.parquet", chinese=True)) == "mmbench_cn"  # by its text
     assert detect_format(fx.mmbench(tmp_path / "cn" / "dev.parquet")) == "mmbench_cn"  # by its folder
-    assert detect_format(tmp_path / "pope") == "pope"  # a folder of shards
+    (tmp_path / "pope" / ".cache").mkdir()
+    (tmp_path / "pope" / ".cache" / "stale.parquet").write_bytes(b"hub bookkeeping")
+    assert detect_format(tmp_path / "pope") == "pope"  # a folder of shards; hidden folders ignored
+    assert [f.name for f in bench_files(tmp_path / "pope")] == ["test-00000-of-00003.parquet"]
     assert detect_format(tmp_path / "mmstar.parquet", "mmstar") == "mmstar"
 
 
