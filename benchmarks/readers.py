@@ -41,6 +41,7 @@ log = logging.getLogger("minimind.bench")
 # The lmms-eval default prompts (its task files' `post_prompt` / option lists), followed exactly.
 MC_POST = "\nAnswer with the option's letter from the given choices directly."
 MMSTAR_POST = "\nAnswer with the option's letter from the given choices directly"  # (no full stop there)
+MMSTAR_DROPPED = " Please answer yes or no."
 MMBENCH_CN_POST = "\n请直接使用所提供的选项字母作为答案回答。"
 MMBENCH_OPTIONS_HEADER = "There are several options:"  # lmms-eval uses the English header for cn too
 POPE_POST = "\nAnswer the question using a single word or phrase."
@@ -228,7 +229,8 @@ def split_mmstar_options(question: str) -> tuple[str, list[str]] | None:
 # ------------------------------------------------------------------------------- one row -> Item
 
 def _mmstar(r: dict, where: str) -> Item:
-    question = _text(r["question"]).strip()
+    # lmms-eval drops this sentence from the few yes/no questions before adding its own instruction
+    question = _text(r["question"]).strip().replace(MMSTAR_DROPPED, "")
     letters = list("ABCD")
     answer = _letter_index(r["answer"], letters)
     parsed = split_mmstar_options(question)
@@ -279,7 +281,8 @@ def _mmbench(r: dict, where: str, chinese: bool) -> Item:
     listed = "\n".join(f"{c}. {options[c]}" for c in letters)
     hint, question = _text(r["hint"]), _text(r["question"])
     head = f"{hint} {question}" if hint else question
-    prompt = f"{head} {MMBENCH_OPTIONS_HEADER}\n{listed}\n{(MMBENCH_CN_POST if chinese else MC_POST)[1:]}"
+    # lmms-eval joins with "\n" a post prompt that itself starts with "\n": a blank line before the instruction
+    prompt = f"{head} {MMBENCH_OPTIONS_HEADER}\n{listed}\n{MMBENCH_CN_POST if chinese else MC_POST}"
     l2 = _text(r.get("L2-category", r.get("l2-category")))
     return Item(where, _text(r["index"]), {"l2_category": l2, "category": _text(r["category"])}, _user(prompt),
                 _user(head), [options[c] for c in letters], answer, letters[answer], letters,

@@ -51,7 +51,13 @@ def test_mmstar_prompt_and_options():
 
 
 def test_mmstar_items(tmp_path):
-    it = items(fx.mmstar(tmp_path / "m.parquet"))
+    path = fx.mmstar(tmp_path / "m.parquet")
+    rows = pq.read_table(path).to_pylist()
+    rows[5]["question"] = "Is the cat on the left? Please answer yes or no.\nOptions: A: yes, B: no"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    it = items(path)
+    assert it[5].messages[0]["content"] == ("<image>\nIs the cat on the left?\nOptions: A: yes, B: no\n"
+                                            "Answer with the option's letter from the given choices directly")
     assert len(it) == 6
     first = it[0]
     assert first.messages == [{"role": "user", "content": "<image>\nWhich one fits picture 0?\nOptions: A: a cat, "
@@ -60,6 +66,7 @@ def test_mmstar_items(tmp_path):
     assert first.mc_messages[0]["content"] == "<image>\nWhich one fits picture 0?"
     assert first.options == ["a cat, sitting", "two dogs", "3, 4, and 5", "none"]
     assert [x.answer for x in it] == [0, 1, 2, 3, 0, 1] and it[1].reference == "B" and first.chance == 0.25
+    assert it[5].options == ["yes", "no"] and it[5].chance == 0.5
     assert first.labels == {"category": "coarse perception", "l2_category": "image emotion"}
     assert first.images[0][:4] == b"\x89PNG" and first.uid == "0"
 
@@ -87,15 +94,15 @@ def test_pope_items(tmp_path):
 def test_mmbench_items(tmp_path):
     en = items(fx.mmbench(tmp_path / "en.parquet"))
     assert en[0].messages[0]["content"] == ("<image>\nA hint. What is in the image? 0 There are several options:\n"
-                                            "A. cat\nB. dog\nC. bird\nD. fish\n"
+                                            "A. cat\nB. dog\nC. bird\nD. fish\n\n"
                                             "Answer with the option's letter from the given choices directly.")
     assert en[1].messages[0]["content"] == ("<image>\nWhat is in the image? 1 There are several options:\n"
-                                            "A. cat\nB. dog\nC. bird\n"  # null hint and null D left out
+                                            "A. cat\nB. dog\nC. bird\n\n"  # null hint and null D left out
                                             "Answer with the option's letter from the given choices directly.")
     assert en[1].options == ["cat", "dog", "bird"] and en[1].letters == ["A", "B", "C"] and en[1].answer == 1
     assert en[0].labels == {"l2_category": "coarse_perception", "category": "object_localization"}
     cn = items(fx.mmbench(tmp_path / "cn.parquet", chinese=True))
-    assert cn[0].messages[0]["content"].endswith("D. fish\n请直接使用所提供的选项字母作为答案回答。")
+    assert cn[0].messages[0]["content"].endswith("D. fish\n\n请直接使用所提供的选项字母作为答案回答。")
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path):
