@@ -5,23 +5,22 @@
     python eval_vlm.py --image_dir photos/              # every image, default description prompt
     python eval_vlm.py [--chat --image cat.jpg]         # interactive chat (images join the first turn)
     python eval_vlm.py --bench dataset/synthetic/eval.parquet --bench_out out/bench.json
+    python eval_vlm.py --bench dataset/bench/mmstar --bench_out out/mmstar.json    # a public benchmark
 
 Model selection (--load_from, --save_dir, --weight, ...) is shared with web_demo.py and
 scripts/serve_openai_api.py (model/load.py).
 
---bench scoring rule: an answer is correct when, after normalisation (lower case, punctuation and
-extra spaces removed), it equals the reference answer, or it contains the reference as whole words
-and no other reference answer of the same kind (so listing every colour earns nothing).
+--bench scores by generation with the benchmark's standard prompt (the answer extracted by its
+documented rule) and by option log-likelihood, with the images and with every image blanked, beside
+the chance level (benchmarks/). Q&A files: an answer is correct when, after normalisation (lower case,
+punctuation and extra spaces removed), it equals the reference answer, or it contains the reference
+as whole words and no other reference answer of the same kind (so listing every colour earns nothing).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import re
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,9 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 
 from model import resolve
-from model.chat import DEFAULT_PROMPT, ChatInputError, answer, build_batch, open_image, with_image_markers
-from model.generate import generate
+from model.chat import DEFAULT_PROMPT, ChatInputError, answer, open_image, with_image_markers
 from model.load import ModelLoadError, add_model_args, load_model
+from benchmarks.extract import is_correct, normalise  # noqa: F401  (the Q&A rule, kept importable from here)
+from benchmarks.readers import FORMATS
+from benchmarks.run import METHOD_CHOICES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -96,91 +97,14 @@ def chat(model, tokenizer, args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------- --bench
 
-def normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
-
-
-def is_correct(prediction: str, reference: str, choices: set[str]) -> bool:
-    """The documented rule: normalised equality, or the reference as whole words and no rival answer."""
-    p, r = normalise(prediction), normalise(reference)
-    if p == r:
-        return True
-
-    def has(word: str) -> bool:
-        return bool(word) and f" {word} " in f" {p} "
-    return has(r) and not any(has(c) for c in choices if c != r)
-
-
-def read_bench(path: Path) -> list[dict]:
-    """Rows of a Q&A parquet: conversations (JSON, ending with the reference answer), image_bytes
-    (one binary or a list), kind (optional), answer (optional: else the last assistant message)."""
-    import pyarrow.parquet as pq
-    if not path.is_file():
-        raise ChatInputError(f"--bench {path}: file not found (make the synthetic one with "
-                             f"`python scripts/make_synthetic_data.py --out dataset/synthetic`)")
-    table = pq.read_table(path).to_pylist()
-    rows = []
-    for i, r in enumerate(table):
-        conv = json.loads(r["conversations"]) if isinstance(r["conversations"], str) else r["conversations"]
-        if not conv or conv[-1]["role"] != "assistant":
-            raise ChatInputError(f"{path} row {i}: conversations must end with the reference assistant answer")
-        imgs = r.get("image_bytes")
-        imgs = [] if imgs is None else (imgs if isinstance(imgs, list) else [imgs])
-        rows.append({"messages": conv[:-1], "images": imgs, "kind": r.get("kind") or "all",
-                     "answer": r.get("answer") or conv[-1]["content"]})
-    return rows
-
-
-@torch.inference_mode()
 def bench(model, tokenizer, args: argparse.Namespace) -> dict:
-    from PIL import Image
-    from tqdm import tqdm
-    path = resolve(args.bench)
-    rows = read_bench(path)
-    if args.bench_limit:
-        rows = rows[:args.bench_limit]
-    choices = defaultdict(set)
-    for r in rows:
-        choices[r["kind"]].add(normalise(r["answer"]))
-    blank = Image.new("RGB", (224, 224), (128, 128, 128))
-    results, t0 = [], time.perf_counter()
-    with tqdm(total=len(rows), desc=f"bench {path.name}", unit="row") as bar:
-        for start in range(0, len(rows), args.batch_size):
-            batch = rows[start:start + args.batch_size]
-            names = [f"{path} row {start + i}" for i in range(len(batch))]
-            images = [[blank if args.blank_image else open_image(b, f"{name} image {j}")
-                       for j, b in enumerate(r["images"])] for r, name in zip(batch, names)]
-            input_ids, attention_mask, pixel_values = build_batch(
-                tokenizer, [r["messages"] for r in batch], images, model.config.image_special_token, names)
-            if pixel_values is not None:
-                pixel_values = pixel_values.to(model.dtype)
-            out = generate(model, input_ids, attention_mask, pixel_values,
-                           max_new_tokens=args.bench_max_new_tokens, temperature=0.0,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
-            for r, ids in zip(batch, out.tolist()):
-                pred = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                results.append({"kind": r["kind"], "answer": r["answer"], "prediction": pred,
-                                "correct": is_correct(pred, r["answer"], choices[r["kind"]])})
-            bar.update(len(batch))
-    per_kind = {}
-    for kind in sorted(choices):
-        got = [x["correct"] for x in results if x["kind"] == kind]
-        per_kind[kind] = {"n": len(got), "correct": sum(got), "accuracy": sum(got) / len(got)}
-    acc = sum(x["correct"] for x in results) / max(len(results), 1)
-    report = {"file": str(args.bench), "rows": len(results), "blank_image": bool(args.blank_image),
-              "accuracy": acc, "per_kind": per_kind, "seconds": round(time.perf_counter() - t0, 2),
-              "rule": "normalised exact match, or reference contained as whole words with no other "
-                      "reference answer of the same kind",
-              "examples": results[:20]}
-    for kind, v in per_kind.items():
-        print(f"{kind:14s} {v['correct']:5d}/{v['n']:<5d} {v['accuracy']:.3f}")
+    """Score a benchmark file: the work is done by benchmarks/ (readers, both methods, the report)."""
+    from benchmarks.run import evaluate
+    out = None
     if args.bench_out:
-        out_path = resolve(args.bench_out) if not Path(args.bench_out).is_absolute() else Path(args.bench_out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        print(f"results written to {out_path}")
-    print(f"accuracy: {acc:.4f}")
-    return report
+        out = Path(args.bench_out) if Path(args.bench_out).is_absolute() else resolve(args.bench_out)
+    return evaluate(model, tokenizer, resolve(args.bench), args.bench_format, args.bench_limit, args.bench_method,
+                    bool(args.bench_baseline), args.blank_image, args.batch_size, args.bench_max_new_tokens, out=out)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -198,11 +122,17 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition_penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g = ap.add_argument_group("benchmark")
-    g.add_argument("--bench", default=None, help="score on a Q&A parquet (e.g. dataset/synthetic/eval.parquet)")
-    g.add_argument("--bench_out", default=None, help="write the scores as JSON here")
-    g.add_argument("--blank_image", action="store_true", help="replace every image by a grey one (text-only baseline)")
+    g.add_argument("--bench", default=None, help="score on a benchmark file or folder of shards: MMStar, ScienceQA-IMG, "
+                   "POPE, MMBench (scripts/download.py bench NAME) or a Q&A parquet (dataset/synthetic/eval.parquet)")
+    g.add_argument("--bench_format", default=None, choices=FORMATS, help="the file's layout (default: from its columns)")
+    g.add_argument("--bench_method", default="both", choices=METHOD_CHOICES,
+                   help="generation with the benchmark's prompt, option log-likelihood, or both")
+    g.add_argument("--bench_baseline", type=int, default=1, choices=[0, 1],
+                   help="1: also score every item with its images blanked (the no-image line)")
+    g.add_argument("--bench_out", default=None, help="write the scores and every item's prediction as JSON here")
+    g.add_argument("--blank_image", action="store_true", help="score only with every image replaced by a grey one")
     g.add_argument("--bench_limit", type=int, default=0, help="score only the first N rows")
-    g.add_argument("--bench_max_new_tokens", type=int, default=24)
+    g.add_argument("--bench_max_new_tokens", type=int, default=24, help="answers are a letter or a few words")
     g.add_argument("--batch_size", type=int, default=16)
     return ap
 

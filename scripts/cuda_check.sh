@@ -13,6 +13,7 @@
 #   fp16        SFT from those weights with float16 autocast + GradScaler
 #   quickstart  scripts/quickstart.py end to end on the GPU (bf16 training and inference)
 #   quickstart_cpu_eval  its weights scored again on the CPU in fp32 (the weights are copied to LOG_DIR)
+#   bench_scores  its weights scored on CUDA by eval_vlm.py --bench: both methods, images and blanked
 #   bench       scripts/bench.py: the training step (fp32) and decode (batch 1), stock vs ours
 # Every step runs even if one before it failed; the exit status is 1 if any failed.
 set -uo pipefail
@@ -56,6 +57,9 @@ step quickstart timeout 300 $PY scripts/quickstart.py --out "$WORK/quickstart"
 step quickstart_cpu_eval timeout 300 $PY eval_vlm.py "${MODEL[@]}" --weight sft_vlm --save_dir "$WORK/quickstart" \
     --bench dataset/synthetic/eval.parquet --bench_out "$LOG/quickstart_cpu_eval.json" --temperature 0 --device cpu
 cp "$WORK/quickstart/sft_vlm_128.pth" "$LOG/" 2>/dev/null
+# Benchmark scoring on CUDA (bf16): generation and batched option log-likelihood, images and blanked.
+step bench_scores timeout 300 $PY eval_vlm.py "${MODEL[@]}" --weight sft_vlm --save_dir "$WORK/quickstart" \
+    --bench dataset/synthetic/eval.parquet --bench_out "$LOG/bench_scores.json" --bench_limit 200
 
 FLAGS=("${MODEL[@]}" --num_workers 4 --log_interval 5)
 DDP=(timeout 150 torchrun --standalone --nproc_per_node 1 trainer/train_pretrain_vlm.py "${FLAGS[@]}"

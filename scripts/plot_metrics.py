@@ -1,4 +1,5 @@
-"""Draw loss curves from the trainer's metrics logs (JSON lines with at least `step` and `loss`).
+"""Draw loss curves from the trainer's metrics logs (JSON lines with at least `step` and `loss`), with the
+benchmark scores of `--eval_data` runs (records with `eval_accuracy`) on a second axis beside them.
 
     python scripts/plot_metrics.py out/pretrain_vlm_512_metrics.jsonl out/sft_vlm_512_metrics.jsonl -o loss.png
 """
@@ -26,6 +27,32 @@ def read_metrics(path: str | Path) -> tuple[list[float], list[float]]:
             steps.append(float(rec["step"]))
             losses.append(float(rec["loss"]))
     return steps, losses
+
+
+def read_scores(path: str | Path) -> dict[str, list[float]]:
+    """The `--eval_data` records of a log: steps, accuracy, blank-image accuracy and chance (empty lists if none)."""
+    out: dict[str, list[float]] = {"step": [], "accuracy": [], "blank": [], "chance": []}
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "eval_accuracy" in rec and "step" in rec:
+            out["step"].append(float(rec["step"]))
+            out["accuracy"].append(float(rec["eval_accuracy"]))
+            out["blank"].append(float("nan") if rec.get("eval_blank_accuracy") is None else rec["eval_blank_accuracy"])
+            out["chance"].append(float(rec.get("eval_chance") or float("nan")))
+    return out
+
+
+def draw_scores(ax, scores: dict[str, list[float]]) -> list:
+    """The scores on a twin axis of a loss panel; returns its lines for the legend."""
+    twin = ax.twinx()
+    lines = twin.plot(scores["step"], scores["accuracy"], "o-", color="tab:red", label="score")
+    lines += twin.plot(scores["step"], scores["blank"], "s--", color="tab:gray", label="score, images blanked")
+    lines += twin.plot(scores["step"], scores["chance"], ":", color="black", label="chance")
+    twin.set(ylabel="score", ylim=(0, 1))
+    return lines
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -58,7 +85,11 @@ def plot(logs: list[Path], out: Path, labels: list[str] | None = None, window: i
                 label=f"centred mean of {2 * (window // 2) + 1}")
         ax.set(title=label, xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles = ax.get_lines()
+        scores = read_scores(log)
+        if scores["step"]:
+            handles += draw_scores(ax, scores)
+        ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

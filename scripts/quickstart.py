@@ -77,7 +77,8 @@ def score(data_dir: Path, out_dir: Path, blank: bool, force: bool) -> dict:
     report = out_dir / f"eval{'_blank' if blank else ''}.json"
     if not report.exists() or force:
         run(["eval_vlm.py", *model_flags(out_dir), "--weight", "sft_vlm", "--bench", data_dir / "eval.parquet",
-             "--bench_out", report, "--temperature", 0, *(["--blank_image"] if blank else [])])
+             "--bench_out", report, "--temperature", 0, "--bench_method", "generate", "--bench_baseline", 0,
+             *(["--blank_image"] if blank else [])])  # its own blank run: the two reports as before
     return json.loads(report.read_text())
 
 

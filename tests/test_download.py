@@ -20,6 +20,9 @@ REPOS = {
                                         "sft_vlm_512.pth": b"F" * 10, "sft_vlm_768.pth": b"X" * 10},
     "jingyaogong/minimind-v_dataset": {"pretrain_data.parquet": b"D" * 300, "sft_data.parquet": b"E" * 200,
                                        "pretrain_images.zip": b"Z" * 50},
+    "Lin-Chen/MMStar": {"mmstar.parquet": b"M" * 30, "MMStar.tsv": b"T" * 40, "README.md": b"#"},
+    "lmms-lab/POPE": {"data/test-00000-of-00002.parquet": b"P" * 20, "data/test-00001-of-00002.parquet": b"Q" * 20,
+                      "Full/adversarial-00000-of-00001.parquet": b"F" * 20, "README.md": b"#"},
 }
 
 
@@ -56,7 +59,7 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    for name in ("DEFAULT_CLIP", "DEFAULT_TOKENIZER", "OUT_DIR", "DATA_DIR"):
+    for name in ("DEFAULT_CLIP", "DEFAULT_TOKENIZER", "OUT_DIR", "DATA_DIR", "BENCH_DIR"):
         monkeypatch.setattr(download, name, tmp_path / name.lower())
     from huggingface_hub.utils import _http
     original = _http._GLOBAL_CLIENT_FACTORY
@@ -102,3 +105,18 @@ def test_unreachable_hub_gives_a_clear_message(hub, capsys):
 def test_missing_expected_file_is_reported(hub, capsys):
     assert download.main(["weights", "--hidden_size", "768"]) == 2
     assert "did not provide ['llm_768.pth']" in capsys.readouterr().err
+
+
+def test_benchmark_files_only_the_scored_split(hub, tmp_path, capsys):
+    assert download.main(["bench", "mmstar", "pope"]) == 0
+    bench = tmp_path / "bench_dir"
+    got = sorted(str(p.relative_to(bench)) for p in bench.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert got == ["mmstar/mmstar.parquet", "pope/data/test-00000-of-00002.parquet",
+                   "pope/data/test-00001-of-00002.parquet"]
+    assert any("/datasets/lmms-lab/POPE/resolve/" in r for r in hub.requests)
+    assert not (tmp_path / "default_clip").exists()  # only what was named
+    with pytest.raises(SystemExit):
+        download.main(["bench"])
+    assert "bench needs benchmark names from ['mmstar'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        download.main(["bench", "imagenet"])

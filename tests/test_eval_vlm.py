@@ -75,6 +75,7 @@ def test_scoring_rule(pred, ref, ok):
     assert eval_vlm.is_correct(pred, ref, {"red", "green", "blue", "left", "right"}) is ok
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_bench_on_synthetic_eval(flags, tmp_path, capsys):
     from scripts.make_synthetic_data import KINDS, make_dataset
     paths = make_dataset(tmp_path / "syn", seed=0, n_pretrain=1, n_sft=1, n_eval=12, eval_kinds=KINDS)
@@ -118,17 +119,44 @@ def test_weight_file_helpers(tmp_path):
     assert list_weight_files(tmp_path / "absent") == []
 
 
-def test_bench_file_mistakes_name_the_row(flags, tmp_path, capsys):
+@pytest.mark.usefixtures("one_thread")
+def test_bench_bad_rows_are_skipped_and_named(flags, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
     conv = [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "red"}]
     rows = {"conversations": [json.dumps(conv)] * 3, "image_bytes": [[png_bytes()], [], [b"junk"]]}
     path = tmp_path / "q.parquet"
     pq.write_table(pa.table(rows), path)
-    assert eval_vlm.main(flags + ["--bench", str(path), "--batch_size", "2"]) == 2
-    assert f"{path} row 1: the conversation has 1 <image> marker(s) but 0 image(s)" in capsys.readouterr().err
-    assert eval_vlm.main(flags + ["--bench", str(path), "--bench_limit", "1"]) == 0  # row 0 alone is fine
-    capsys.readouterr()
+    out = tmp_path / "q.json"
+    assert eval_vlm.main(flags + ["--bench", str(path), "--batch_size", "2", "--bench_out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1].startswith("accuracy: ")
+    report = json.loads(out.read_text())
+    assert report["rows"] == 1 and report["skipped"]["count"] == 2
+    assert report["skipped"]["examples"] == [
+        f"{path} row 1: image_bytes: the conversation has 1 <image> marker(s) but 0 image(s)",
+        f"{path} row 2: image: image 0 is not an image this demo can read (cannot decode image bytes: cannot "
+        f"identify image file <_io.BytesIO object at {report['skipped']['examples'][1].split(' at ')[1]}"]
     pq.write_table(pa.table({"conversations": [json.dumps(conv)], "image_bytes": [[b"junk"]]}), path)
     assert eval_vlm.main(flags + ["--bench", str(path)]) == 2
-    assert f"{path} row 0 image 0 is not an image" in capsys.readouterr().err
+    assert f"{path}: no row could be scored (1 skipped: {path} row 0: image: image 0 is not an image" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_public_layouts_end_to_end(flags, tmp_path, capsys):
+    from tests import bench_fixtures as fx
+    quick = ["--bench_method", "loglik", "--bench_baseline", "0"]
+    for path, fmt, extra in ((fx.mmstar(tmp_path / "mmstar.parquet"), "mmstar", []),
+                             (fx.scienceqa(tmp_path / "sqa" / "test-00000-of-00001.parquet").parent, "scienceqa", quick),
+                             (fx.mmbench(tmp_path / "cn" / "dev-00000-of-00001.parquet", chinese=True), "mmbench_cn",
+                              quick)):
+        out = tmp_path / f"{fmt}.json"
+        assert eval_vlm.main(flags + ["--bench", str(path), "--bench_limit", "3", "--bench_out", str(out),
+                                      "--bench_max_new_tokens", "4", *extra]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        report = json.loads(out.read_text())
+        assert report["format"] == fmt and report["rows"] == 3 and lines[-1].startswith("accuracy: ")
+        assert lines[0].startswith(f"{fmt} {path}: 3 item(s) scored, 0 skipped")
+    assert eval_vlm.main(flags + ["--bench", str(tmp_path / "mmstar.parquet"), "--bench_format", "pope"]) == 2
+    assert "--bench_format pope needs columns ['question_id']" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from scripts.plot_metrics import plot, read_metrics, smooth
+from scripts.plot_metrics import plot, read_metrics, read_scores, smooth
 
 
 def write_log(path, n=30):
@@ -32,3 +32,16 @@ def test_plot_writes_png(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no step/loss records"):
         plot([tmp_path / "empty.jsonl"], tmp_path / "x.png")
+
+
+def test_scores_are_read_and_drawn_beside_the_loss(tmp_path):
+    log = write_log(tmp_path / "sft.jsonl")
+    scores = [{"step": s, "eval_file": "eval.parquet", "eval_accuracy": a, "eval_blank_accuracy": b, "eval_chance": 0.25}
+              for s, a, b in ((10, 0.3, 0.25), (20, 0.6, None))]
+    text = log.read_text().replace("\n", "\n" + json.dumps(scores[0]) + "\n", 1) + "\n" + json.dumps(scores[1])
+    log.write_text(text)
+    got = read_scores(log)
+    assert got["step"] == [10, 20] and got["accuracy"] == [0.3, 0.6] and got["chance"] == [0.25, 0.25]
+    assert got["blank"][0] == 0.25 and got["blank"][1] != got["blank"][1]  # a missing baseline is NaN
+    assert read_metrics(log)[0] == list(range(1, 31))  # score records are not losses
+    assert plot([log], tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,9 +31,11 @@ def with_text_only_rows(src, dst, n: int) -> None:
 def test_two_process_pretrain_then_sft(tiny_clip, tmp_path):
     data = make_data(tmp_path / "data", n=8)
     out = tmp_path / "out"
-    torchrun("train_pretrain_vlm.py", tiny_flags(data / "pretrain.parquet", tiny_clip, out, batch_size=1, epochs=1))
+    torchrun("train_pretrain_vlm.py", tiny_flags(data / "pretrain.parquet", tiny_clip, out, batch_size=1, epochs=1,
+                                                 eval_data=data / "eval.parquet", eval_interval=2, eval_limit=2))
     steps, summary = metrics(out / "pretrain_vlm_64_metrics.jsonl")
     assert summary["steps"] == 4 and summary["samples"] == 8
+    assert [r["step"] for r in steps if "eval_accuracy" in r] == [2, 4]  # rank 0 scored; the other rank waited
     assert len(set(summary["rank_weight_sha256"])) == 1 and len(summary["rank_weight_sha256"]) == 2
 
     sft = tmp_path / "sft_mixed.parquet"

@@ -82,6 +82,17 @@ class Progress:
         if self.tracker is not None:
             self.tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def record(self, record: dict[str, Any]) -> None:
+        """A record other than a loss (e.g. benchmark scores): appended to the log, sent to the tracker, shown."""
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                             step=record["step"])
+        self.message(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
     def message(self, text: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None and not self.bar.disable else print)(text)

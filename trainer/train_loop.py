@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.training import add_eval_args, check_eval_data, due as eval_due, score_record
 from model import DATA_DIR, DEFAULT_CLIP, DEFAULT_TOKENIZER, OUT_DIR, resolve
 from model.model_minimind import segment_attention_mask
 from model.model_vlm import MiniMindVLM, VLMConfig
@@ -94,6 +95,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
       "padding; attention never crosses rows); 0: pad every row to the batch's longest")
     a("--feature_cache", default=None, help="folder for an on-disk cache of the frozen encoder's features "
       "(worth it from the second epoch on)")
+    add_eval_args(p)
     return p
 
 
@@ -298,6 +300,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for p in (weights_out, resume_file):
             ckpt.remove_stale_temporaries(p)
 
+    check_eval_data(args)
     state = ckpt.load_resume(resume_file) if args.from_resume and resume_file.is_file() else None
     if args.from_resume and state is None:
         log.info("--from_resume 1: no %s yet, starting fresh", resume_file)
@@ -426,6 +429,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     loss_sum.zero_()
                     t_window = time.perf_counter()
                     stopping = bool(flag.item())
+                if env.main and eval_due(args, step, finished):  # the other ranks wait at their next all-reduce
+                    progress.record(score_record(raw, dataset.tokenizer, args, step, autocast))
                 if step % args.save_interval == 0 or finished or end_of_epoch or stopping:
                     save(epoch, samples, step)
                 if stopping:
