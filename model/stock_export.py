@@ -1,0 +1,241 @@
+"""MiniMind(-V) as stock transformers models: `LlamaForCausalLM` for the LM, `LlavaForConditionalGeneration`
+(+ a `LlavaProcessor`) for the VLM. No custom code is involved, so the folders load without
+`trust_remote_code` and in tools that know Llama/LLaVA (vLLM, SGLang, llama.cpp's converter).
+
+Why the mapping is exact:
+- MiniMind's LM *is* a Llama: pre-norm RMSNorm (weight * normed.type_as(x)), rotate-half RoPE with
+  inv_freq 1/theta^(2i/d), GQA without biases, SwiGLU, tied embeddings. Even the parameter names match.
+- LLaVA's projector is linear_1 -> act -> linear_2. With act = "linear" (the identity) and linear_2 an
+  identity matrix with a zero bias, it computes exactly our single Linear(768, H): every output element
+  of linear_2 is one product x * 1.0 plus products with 0.0, and x*1 and x + 0 are exact in floating point.
+- vision_feature_layer -1 with the "default" strategy is CLIP's last_hidden_state without CLS, as ours.
+- LLaVA swaps every image-token id for image features in order; with image token id 34 ('@') and 196
+  tokens per image that is our splice, as long as no other '@' token stands in a prompt that has images.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model_minimind import YARN, MiniMindConfig
+from .model_vlm import PATCHES, VISION_DIM, VLMConfig
+
+IMAGE_TOKEN = "@"      # the placeholder character; its id (34) is LLaVA's image_token_index
+IMAGE_MARKER = "<image>"
+PROJ_PREFIX = "vision_proj.vision_proj.0."
+LLAVA_PROJ = "model.multi_modal_projector."
+LLAVA_LM = "model.language_model."
+LLAVA_VISION = "model.vision_tower."
+
+
+class StockExportError(RuntimeError):
+    """A model or folder that cannot be expressed as (or read back from) a stock Llama/LLaVA folder."""
+
+
+def check_dense(config: MiniMindConfig, direction: str) -> None:
+    if config.use_moe:
+        raise StockExportError(
+            f"{direction} writes stock Llama/LLaVA classes, which have no layer that computes MiniMind's MoE "
+            f"(softmax top-k routed experts plus an always-on shared expert); export MoE models with to_hf")
+
+
+def llama_config(config: MiniMindConfig, dtype: torch.dtype = torch.float16) -> Any:
+    """The LlamaConfig that computes what `config` computes (YaRN carried over when enabled)."""
+    from transformers import LlamaConfig
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
+    if config.inference_rope_scaling:
+        rope = {"rope_type": "yarn", "rope_theta": float(config.rope_theta), "factor": float(YARN["factor"]),
+                "original_max_position_embeddings": YARN["original_max_position_embeddings"],
+                "beta_fast": float(YARN["beta_fast"]), "beta_slow": float(YARN["beta_slow"]),
+                "attention_factor": float(YARN["attention_factor"])}
+    cfg = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.hidden_size // config.num_attention_heads, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope, attention_bias=False, mlp_bias=False, tie_word_embeddings=True,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=0,
+    )
+    cfg.dtype = dtype
+    return cfg
+
+
+def minimind_config_from_llama(cfg: dict, **extra: Any) -> VLMConfig:
+    """Our config from a Llama config.json dict, refusing what MiniMind cannot compute."""
+    problems = []
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {cfg['hidden_act']!r} (MiniMind uses silu)")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        problems.append("attention or MLP biases")
+    if not cfg.get("tie_word_embeddings", False):
+        problems.append("untied lm_head (MiniMind ties it to the embeddings)")
+    heads = cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
+        problems.append(f"head_dim {cfg['head_dim']} != hidden_size / heads")
+    rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 1e6)}
+    yarn = rope.get("rope_type", "default") == "yarn"
+    if yarn and any(float(rope.get(k, -1)) != float(v) for k, v in YARN.items()):
+        problems.append(f"YaRN settings {rope} (MiniMind's are {YARN})")
+    elif rope.get("rope_type", "default") not in ("default", "yarn"):
+        problems.append(f"rope_type {rope.get('rope_type')!r}")
+    if problems:
+        raise StockExportError("this Llama model is not a MiniMind export: " + "; ".join(problems))
+    return VLMConfig(hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                     num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads", heads),
+                     intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                     rms_norm_eps=cfg["rms_norm_eps"], rope_theta=rope["rope_theta"],
+                     max_position_embeddings=cfg["max_position_embeddings"], inference_rope_scaling=yarn, **extra)
+
+
+def lm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our LM keys are already Llama's (model.layers.{i}.self_attn.q_proj.weight, ...): keep them, drop the rest."""
+    return {k: v for k, v in state.items() if k.startswith("model.") or k == "lm_head.weight"}
+
+
+def build_llama(config: MiniMindConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16) -> Any:
+    """A LlamaForCausalLM holding our LM weights (strictly: every Llama parameter comes from `state`)."""
+    from transformers import LlamaForCausalLM
+    check_dense(config, "to_llama")
+    model = LlamaForCausalLM(llama_config(config, dtype)).to(dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in lm_state(state).items()}, strict=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def llava_config(config: VLMConfig, vision_config: Any, dtype: torch.dtype = torch.float32) -> Any:
+    from transformers import LlavaConfig
+    cfg = LlavaConfig(
+        vision_config=vision_config.to_dict(), text_config=llama_config(config, dtype).to_dict(),
+        image_token_index=config.image_ids[0], image_seq_length=len(config.image_ids),
+        projector_hidden_act="linear", vision_feature_layer=-1, vision_feature_select_strategy="default",
+        multimodal_projector_bias=True, tie_word_embeddings=True,
+    )
+    cfg.dtype = dtype
+    return cfg
+
+
+def check_vision_tower(vision_config: Any) -> None:
+    size, patch, width = vision_config.image_size, vision_config.patch_size, vision_config.hidden_size
+    if (size // patch) ** 2 != PATCHES or width != VISION_DIM:
+        raise StockExportError(
+            f"the vision tower has {(size // patch) ** 2} patches of width {width}; MiniMind-V needs CLIP "
+            f"ViT-B/16 at 224 px ({PATCHES} patches of width {VISION_DIM}): check --vision_model_path")
+
+
+def build_llava(config: VLMConfig, state: dict[str, torch.Tensor], vision_encoder: Any,
+                dtype: torch.dtype = torch.float32) -> Any:
+    """A LlavaForConditionalGeneration holding our LM, our projection and the CLIP tower, loaded strictly."""
+    from transformers import LlavaForConditionalGeneration
+    check_dense(config, "to_llava")
+    check_vision_tower(vision_encoder.config)
+    if not any(k.startswith(PROJ_PREFIX) for k in state):
+        raise StockExportError("the weight file has no vision_proj: it is an LM-only file (export it with to_llama)")
+    model = LlavaForConditionalGeneration(llava_config(config, vision_encoder.config, dtype)).to(dtype)
+    H = config.hidden_size
+    full = {LLAVA_LM + k.removeprefix("model."): v for k, v in lm_state(state).items() if k != "lm_head.weight"}
+    full["lm_head.weight"] = state["lm_head.weight"]
+    full[LLAVA_PROJ + "linear_1.weight"] = state[PROJ_PREFIX + "weight"]
+    full[LLAVA_PROJ + "linear_1.bias"] = state[PROJ_PREFIX + "bias"]
+    full[LLAVA_PROJ + "linear_2.weight"] = torch.eye(H)
+    full[LLAVA_PROJ + "linear_2.bias"] = torch.zeros(H)
+    full.update({LLAVA_VISION + k: v for k, v in vision_encoder.state_dict().items()})
+    model.load_state_dict({k: v.to(dtype) for k, v in full.items()}, strict=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def _strip(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Keys under any of `prefixes`, with the prefix removed (saved folders use the older LLaVA layout,
+    `language_model.model.*`; the in-memory modules `model.language_model.*`)."""
+    out = {}
+    for k, v in state.items():
+        for p in prefixes:
+            if k.startswith(p):
+                out[k.removeprefix(p)] = v
+    return out
+
+
+def state_from_llava(cfg: dict, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict (LM + vision_proj, no vision tower) from a LLaVA folder's config and tensors, after
+    checking that its projector is one linear map and its image features are ours."""
+    problems = []
+    if cfg.get("projector_hidden_act") != "linear":
+        problems.append(f"projector_hidden_act {cfg.get('projector_hidden_act')!r} (needs 'linear')")
+    if cfg.get("vision_feature_layer") != -1 or cfg.get("vision_feature_select_strategy") != "default":
+        problems.append(f"vision_feature_layer {cfg.get('vision_feature_layer')} / strategy "
+                        f"{cfg.get('vision_feature_select_strategy')!r} (needs -1 / 'default')")
+    proj = _strip(saved, ("multi_modal_projector.", LLAVA_PROJ))
+    w2, b2 = proj.get("linear_2.weight"), proj.get("linear_2.bias")
+    if w2 is None or b2 is None or "linear_1.weight" not in proj or "linear_1.bias" not in proj:
+        problems.append("the projector's weights or biases are missing")
+    elif not (torch.equal(w2.float(), torch.eye(w2.shape[0])) and not b2.any()):
+        problems.append("the projector's second layer is not the identity")
+    if problems:
+        raise StockExportError("this LLaVA model is not a MiniMind-V export: " + "; ".join(problems))
+    state = {"model." + k: v for k, v in _strip(saved, ("language_model.model.", LLAVA_LM)).items()}
+    head = saved.get("lm_head.weight", saved.get("language_model.lm_head.weight"))
+    if head is not None:
+        state["lm_head.weight"] = head
+    state[PROJ_PREFIX + "weight"] = proj["linear_1.weight"]
+    state[PROJ_PREFIX + "bias"] = proj["linear_1.bias"]
+    return state
+
+
+# The processor's chat template: the tokenizer's own template, preceded by a step that turns every message's
+# content into the plain string that template expects. `<image>` in text and {"type": "image"} items become
+# the one-character image token, which the processor then expands to 196 of them.
+_NORMALISE_MESSAGES = """{%- set _ns = namespace(msgs=[]) -%}
+{%- for _m in messages -%}
+  {%- if _m.content is string -%}
+    {%- set _c = _m.content | replace('<image>', '@') -%}
+  {%- else -%}
+    {%- set _p = namespace(parts=[]) -%}
+    {%- for _item in _m.content -%}
+      {%- if _item.type == 'image' -%}{%- set _p.parts = _p.parts + ['@'] -%}
+      {%- elif _item.type == 'text' -%}{%- set _p.parts = _p.parts + [_item.text | replace('<image>', '@')] -%}
+      {%- endif -%}
+    {%- endfor -%}
+    {%- set _c = _p.parts | join('\\n') -%}
+  {%- endif -%}
+  {%- set _ns.msgs = _ns.msgs + [{'role': _m.role, 'content': _c, 'tool_calls': _m.tool_calls}] -%}
+{%- endfor -%}
+{%- set messages = _ns.msgs -%}
+"""
+
+
+def processor_chat_template(tokenizer_template: str) -> str:
+    if IMAGE_TOKEN != "@":  # the template above hard-codes it
+        raise AssertionError("update _NORMALISE_MESSAGES")
+    return _NORMALISE_MESSAGES + tokenizer_template
+
+
+def clip_image_processor() -> Any:
+    """CLIP's preprocessing as MiniMind-V does it: RGB, shortest side 224 (bicubic), centre crop 224,
+    CLIP mean/std (the PIL backend: no torchvision needed)."""
+    from transformers import CLIPImageProcessorPil
+    return CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                 do_convert_rgb=True)
+
+
+def build_processor(tokenizer: Any) -> Any:
+    """A LlavaProcessor: each '@' in text (what `<image>` becomes in the chat template) grows to the
+    196 placeholder tokens of one image (196 patches + CLS, minus CLS under the "default" strategy)."""
+    from transformers import LlavaProcessor
+    if tokenizer.encode(IMAGE_TOKEN * PATCHES, add_special_tokens=False) != [tokenizer.convert_tokens_to_ids(
+            IMAGE_TOKEN)] * PATCHES:
+        raise StockExportError(f"this tokenizer does not turn {PATCHES} '@' into {PATCHES} image tokens")
+    return LlavaProcessor(image_processor=clip_image_processor(), tokenizer=tokenizer, patch_size=16,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token=IMAGE_TOKEN, chat_template=processor_chat_template(tokenizer.chat_template))
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StockExportError(f"cannot read {path}: {e}") from None
