@@ -11,6 +11,10 @@ Why the mapping is exact:
 - vision_feature_layer -1 with the "default" strategy is CLIP's last_hidden_state without CLS, as ours.
 - LLaVA swaps every image-token id for image features in order; with image token id 34 ('@') and 196
   tokens per image that is our splice, as long as no other '@' token stands in a prompt that has images.
+- MoE (LLaVA only): Qwen2-MoE's block is softmax top-k routing with renormalised weights (our router) plus a
+  shared expert scaled by sigmoid(shared_expert_gate(x)). A zero gate gives sigmoid(0) = 0.5 exactly and a
+  doubled shared down_proj undoes it exactly (scaling by a power of two never rounds), so the shared expert
+  is added unscaled, as ours is. Its attention biases (qkv_bias) are off.
 """
 from __future__ import annotations
 
@@ -38,8 +42,17 @@ class StockExportError(RuntimeError):
 def check_dense(config: MiniMindConfig, direction: str) -> None:
     if config.use_moe:
         raise StockExportError(
-            f"{direction} writes stock Llama/LLaVA classes, which have no layer that computes MiniMind's MoE "
-            f"(softmax top-k routed experts plus an always-on shared expert); export MoE models with to_hf")
+            f"{direction} writes a stock Llama, which has no MoE layer: export MoE models with to_llava (its text "
+            f"model is a stock Qwen2-MoE) or to_hf")
+
+
+def check_moe(config: MiniMindConfig) -> None:
+    if config.use_moe and (config.n_shared_experts != 1 or config.scoring_func != "softmax"
+                           or not config.norm_topk_prob):
+        raise StockExportError(
+            f"only MoE models with one shared expert, softmax scoring and renormalised top-k weights have a stock "
+            f"equivalent (Qwen2-MoE); this one has {config.n_shared_experts} shared expert(s), scoring "
+            f"{config.scoring_func!r}, norm_topk_prob {config.norm_topk_prob}: export it with to_hf")
 
 
 def llama_config(config: MiniMindConfig, dtype: torch.dtype = torch.float16) -> Any:
@@ -64,12 +77,68 @@ def llama_config(config: MiniMindConfig, dtype: torch.dtype = torch.float16) -> 
     return cfg
 
 
+def qwen2_moe_config(config: MiniMindConfig, dtype: torch.dtype = torch.float32) -> Any:
+    """The Qwen2MoeConfig that computes what the MoE `config` computes (see the module docstring)."""
+    from transformers import Qwen2MoeConfig
+    check_moe(config)
+    base = llama_config(config, dtype)
+    cfg = Qwen2MoeConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=base.rope_parameters, tie_word_embeddings=True, use_sliding_window=False,
+        decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=config.intermediate_size,
+        shared_expert_intermediate_size=config.intermediate_size, num_experts=config.n_routed_experts,
+        num_experts_per_tok=config.num_experts_per_tok, norm_topk_prob=True, qkv_bias=False,
+        router_aux_loss_coef=config.aux_loss_alpha,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=0,
+    )
+    cfg.dtype = dtype
+    return cfg
+
+
+def moe_to_qwen2(state: dict[str, torch.Tensor], n_layers: int, n_experts: int) -> dict[str, torch.Tensor]:
+    """Our MoE layer tensors in Qwen2-MoE's in-memory layout (fused per-expert gate_up / down, shared expert
+    with doubled down_proj and a zero gate); every other key unchanged."""
+    out = dict(state)
+    for i in range(n_layers):
+        p = f"model.layers.{i}.mlp."
+        ex = [{n: out.pop(f"{p}experts.{e}.{n}_proj.weight") for n in ("gate", "up", "down")} for e in range(n_experts)]
+        out[p + "experts.gate_up_proj"] = torch.stack([torch.cat([x["gate"], x["up"]]) for x in ex])
+        out[p + "experts.down_proj"] = torch.stack([x["down"] for x in ex])
+        for n in ("gate", "up"):
+            out[f"{p}shared_expert.{n}_proj.weight"] = out.pop(f"{p}shared_experts.0.{n}_proj.weight")
+        down = out.pop(f"{p}shared_experts.0.down_proj.weight")
+        out[p + "shared_expert.down_proj.weight"] = down * 2  # times sigmoid(0) = 0.5 below: exact
+        out[p + "shared_expert_gate.weight"] = down.new_zeros(1, down.shape[0])
+    return out
+
+
+def moe_from_qwen2(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Inverse of moe_to_qwen2, refusing a shared-expert gate that is not zero (then it is not a MiniMind model)."""
+    out = dict(state)
+    for i in range(n_layers):
+        p = f"model.layers.{i}.mlp."
+        if out.pop(p + "shared_expert_gate.weight").any():
+            raise StockExportError(f"layer {i}: the shared-expert gate is not zero, so this is not a MiniMind export")
+        gate_up, down = out.pop(p + "experts.gate_up_proj"), out.pop(p + "experts.down_proj")
+        for e in range(gate_up.shape[0]):
+            gate, up = gate_up[e].chunk(2)
+            out.update({f"{p}experts.{e}.gate_proj.weight": gate, f"{p}experts.{e}.up_proj.weight": up,
+                        f"{p}experts.{e}.down_proj.weight": down[e]})
+        for n in ("gate", "up"):
+            out[f"{p}shared_experts.0.{n}_proj.weight"] = out.pop(f"{p}shared_expert.{n}_proj.weight")
+        out[p + "shared_experts.0.down_proj.weight"] = out.pop(p + "shared_expert.down_proj.weight") / 2
+    return out
+
+
 def minimind_config_from_llama(cfg: dict, **extra: Any) -> VLMConfig:
     """Our config from a Llama config.json dict, refusing what MiniMind cannot compute."""
     problems = []
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {cfg['hidden_act']!r} (MiniMind uses silu)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("qkv_bias"):
         problems.append("attention or MLP biases")
     if not cfg.get("tie_word_embeddings", False):
         problems.append("untied lm_head (MiniMind ties it to the embeddings)")
@@ -82,11 +151,19 @@ def minimind_config_from_llama(cfg: dict, **extra: Any) -> VLMConfig:
         problems.append(f"YaRN settings {rope} (MiniMind's are {YARN})")
     elif rope.get("rope_type", "default") not in ("default", "yarn"):
         problems.append(f"rope_type {rope.get('rope_type')!r}")
+    moe = cfg.get("model_type") == "qwen2_moe"
+    if moe:
+        if cfg.get("moe_intermediate_size") != cfg.get("shared_expert_intermediate_size") or cfg.get(
+                "mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1 or not cfg.get("norm_topk_prob"):
+            problems.append("a Qwen2-MoE layout MiniMind does not have (expert sizes, dense layers or routing)")
+        extra.update(use_moe=True, n_routed_experts=cfg["num_experts"], num_experts_per_tok=cfg["num_experts_per_tok"],
+                     n_shared_experts=1, aux_loss_alpha=cfg.get("router_aux_loss_coef", 0.01))
     if problems:
-        raise StockExportError("this Llama model is not a MiniMind export: " + "; ".join(problems))
+        raise StockExportError(f"this {cfg.get('model_type', 'Llama')} model is not a MiniMind export: "
+                               + "; ".join(problems))
     return VLMConfig(hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
                      num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads", heads),
-                     intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                     intermediate_size=cfg["moe_intermediate_size" if moe else "intermediate_size"], vocab_size=cfg["vocab_size"],
                      rms_norm_eps=cfg["rms_norm_eps"], rope_theta=rope["rope_theta"],
                      max_position_embeddings=cfg["max_position_embeddings"], inference_rope_scaling=yarn, **extra)
 
@@ -109,7 +186,8 @@ def build_llama(config: MiniMindConfig, state: dict[str, torch.Tensor], dtype: t
 def llava_config(config: VLMConfig, vision_config: Any, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import LlavaConfig
     cfg = LlavaConfig(
-        vision_config=vision_config.to_dict(), text_config=llama_config(config, dtype).to_dict(),
+        vision_config=vision_config.to_dict(),
+        text_config=(qwen2_moe_config(config, dtype) if config.use_moe else llama_config(config, dtype)).to_dict(),
         image_token_index=config.image_ids[0], image_seq_length=len(config.image_ids),
         projector_hidden_act="linear", vision_feature_layer=-1, vision_feature_select_strategy="default",
         multimodal_projector_bias=True, tie_word_embeddings=True,
@@ -130,12 +208,14 @@ def build_llava(config: VLMConfig, state: dict[str, torch.Tensor], vision_encode
                 dtype: torch.dtype = torch.float32) -> Any:
     """A LlavaForConditionalGeneration holding our LM, our projection and the CLIP tower, loaded strictly."""
     from transformers import LlavaForConditionalGeneration
-    check_dense(config, "to_llava")
+    check_moe(config)
     check_vision_tower(vision_encoder.config)
     if not any(k.startswith(PROJ_PREFIX) for k in state):
         raise StockExportError("the weight file has no vision_proj: it is an LM-only file (export it with to_llama)")
     model = LlavaForConditionalGeneration(llava_config(config, vision_encoder.config, dtype)).to(dtype)
     H = config.hidden_size
+    if config.use_moe:
+        state = moe_to_qwen2(state, config.num_hidden_layers, config.n_routed_experts)
     full = {LLAVA_LM + k.removeprefix("model."): v for k, v in lm_state(state).items() if k != "lm_head.weight"}
     full["lm_head.weight"] = state["lm_head.weight"]
     full[LLAVA_PROJ + "linear_1.weight"] = state[PROJ_PREFIX + "weight"]
@@ -148,40 +228,30 @@ def build_llava(config: VLMConfig, state: dict[str, torch.Tensor], vision_encode
     return model.eval()
 
 
-def _strip(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Keys under any of `prefixes`, with the prefix removed (saved folders use the older LLaVA layout,
-    `language_model.model.*`; the in-memory modules `model.language_model.*`)."""
-    out = {}
-    for k, v in state.items():
-        for p in prefixes:
-            if k.startswith(p):
-                out[k.removeprefix(p)] = v
-    return out
-
-
-def state_from_llava(cfg: dict, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict (LM + vision_proj, no vision tower) from a LLaVA folder's config and tensors, after
+def state_from_llava(model: Any) -> dict[str, torch.Tensor]:
+    """Our state dict (LM + vision_proj, no vision tower) from a loaded LlavaForConditionalGeneration, after
     checking that its projector is one linear map and its image features are ours."""
+    cfg = model.config
     problems = []
-    if cfg.get("projector_hidden_act") != "linear":
-        problems.append(f"projector_hidden_act {cfg.get('projector_hidden_act')!r} (needs 'linear')")
-    if cfg.get("vision_feature_layer") != -1 or cfg.get("vision_feature_select_strategy") != "default":
-        problems.append(f"vision_feature_layer {cfg.get('vision_feature_layer')} / strategy "
-                        f"{cfg.get('vision_feature_select_strategy')!r} (needs -1 / 'default')")
-    proj = _strip(saved, ("multi_modal_projector.", LLAVA_PROJ))
-    w2, b2 = proj.get("linear_2.weight"), proj.get("linear_2.bias")
-    if w2 is None or b2 is None or "linear_1.weight" not in proj or "linear_1.bias" not in proj:
-        problems.append("the projector's weights or biases are missing")
+    if cfg.projector_hidden_act != "linear":
+        problems.append(f"projector_hidden_act {cfg.projector_hidden_act!r} (needs 'linear')")
+    if cfg.vision_feature_layer != -1 or cfg.vision_feature_select_strategy != "default":
+        problems.append(f"vision_feature_layer {cfg.vision_feature_layer} / strategy "
+                        f"{cfg.vision_feature_select_strategy!r} (needs -1 / 'default')")
+    own = model.state_dict()
+    w2, b2 = own[LLAVA_PROJ + "linear_2.weight"], own.get(LLAVA_PROJ + "linear_2.bias")
+    if b2 is None or LLAVA_PROJ + "linear_1.bias" not in own:
+        problems.append("the projector has no biases")
     elif not (torch.equal(w2.float(), torch.eye(w2.shape[0])) and not b2.any()):
         problems.append("the projector's second layer is not the identity")
     if problems:
         raise StockExportError("this LLaVA model is not a MiniMind-V export: " + "; ".join(problems))
-    state = {"model." + k: v for k, v in _strip(saved, ("language_model.model.", LLAVA_LM)).items()}
-    head = saved.get("lm_head.weight", saved.get("language_model.lm_head.weight"))
-    if head is not None:
-        state["lm_head.weight"] = head
-    state[PROJ_PREFIX + "weight"] = proj["linear_1.weight"]
-    state[PROJ_PREFIX + "bias"] = proj["linear_1.bias"]
+    state = {"model." + k.removeprefix(LLAVA_LM): v for k, v in own.items() if k.startswith(LLAVA_LM)}
+    state["lm_head.weight"] = own["lm_head.weight"]
+    state[PROJ_PREFIX + "weight"] = own[LLAVA_PROJ + "linear_1.weight"]
+    state[PROJ_PREFIX + "bias"] = own[LLAVA_PROJ + "linear_1.bias"]
+    if cfg.text_config.model_type == "qwen2_moe":
+        state = moe_from_qwen2(state, cfg.text_config.num_hidden_layers)
     return state
 
 

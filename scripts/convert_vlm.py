@@ -27,6 +27,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,9 +37,9 @@ from model import resolve
 from model.load import ModelLoadError, add_model_args, native_weight_file
 from model.model_minimind import MiniMindForCausalLM
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
-from model.stock_export import (StockExportError, build_llama, build_llava, build_processor, check_dense,
+from model.stock_export import (StockExportError, build_llama, build_llava, build_processor, check_dense, check_moe,
                                 minimind_config_from_llama, read_config, state_from_llava)
-from model.weights import WeightMismatchError, load_state, load_weights, read_state_dict, save_weights, weight_path
+from model.weights import WeightMismatchError, load_state, load_weights, save_weights, weight_path
 
 log = logging.getLogger("minimind")
 CLIP_HUB_ID = "openai/clip-vit-base-patch16"
@@ -75,7 +76,9 @@ def flag_config(args: argparse.Namespace) -> VLMConfig:
 def load_native(args: argparse.Namespace, direction: str) -> tuple[Path, VLMConfig, dict[str, torch.Tensor]]:
     """(weight file, config, our state dict) for the model the flags select, strictly loaded."""
     config = flag_config(args)
-    check_dense(config, direction)  # before reading anything: the message is the same for every MoE file
+    if direction == "to_llama":  # before reading anything: the message is the same for every MoE file
+        check_dense(config, direction)
+    check_moe(config)
     src = native_weight_file(args)
     if not src.is_file():
         raise ModelLoadError(f"weight file not found: {src} (download with `python scripts/download.py` or train one; "
@@ -219,23 +222,42 @@ def to_pth(args: argparse.Namespace) -> Path:
     return out
 
 
+def load_stock(folder: Path, cls_name: str) -> Any:
+    """A stock transformers model from `folder`, strictly: a missing, unexpected or misshapen tensor is an
+    error (from_pretrained alone would initialise missing ones at random and only warn)."""
+    import transformers
+    cls = getattr(transformers, cls_name)
+    try:
+        model, info = cls.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise StockExportError(f"cannot load {folder} as a {cls_name}: {str(e).splitlines()[0]}") from None
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise StockExportError(f"{folder} does not hold a complete {cls_name}: " + "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}" for k, v in bad.items()))
+    return model
+
+
 def stock_to_pth(args: argparse.Namespace, folder: Path, cfg: dict) -> Path:
-    """A to_llava / to_llama folder back to the native file: the tensors are read as saved and loaded
-    strictly (a missing or misshapen tensor is an error, never a fresh initialisation)."""
-    saved = read_state_dict(folder_weight_file(folder))
+    """A to_llava / to_llama folder back to the native file, strictly loaded both ways."""
+    folder_weight_file(folder)  # a clear message when the weights are missing altogether
     if cfg["model_type"] == "llava":
-        if (cfg.get("text_config") or {}).get("model_type", "llama") != "llama":
-            raise StockExportError(f"{folder}: the LLaVA text model is not a Llama")
-        config = minimind_config_from_llama(cfg["text_config"], image_ids=[cfg.get("image_token_index", 34)] *
+        text_cfg = cfg.get("text_config") or {}
+        if text_cfg.get("model_type", "llama") not in ("llama", "qwen2_moe"):
+            raise StockExportError(f"{folder}: the LLaVA text model is a {text_cfg.get('model_type')}, not a "
+                                   f"Llama or Qwen2-MoE: not a MiniMind-V export")
+        config = minimind_config_from_llama(text_cfg, image_ids=[cfg.get("image_token_index", 34)] *
                                             cfg.get("image_seq_length", 196))
-        state = state_from_llava(cfg, saved)
+        state = state_from_llava(load_stock(folder, "LlavaForConditionalGeneration"))
+        model = MiniMindVLM(config)
     else:
         config = minimind_config_from_llama(cfg)
-        state = saved
-    # A Llama folder holds the LM alone: write an LM-only file (like llm_512.pth), not a random projection.
-    model = MiniMindVLM(config) if cfg["model_type"] == "llava" else MiniMindForCausalLM(config)
-    load_state(model, state, folder / "model.safetensors")
-    out = Path(args.out) if args.out else resolve(weight_path(args.save_dir, args.weight, config.hidden_size, False))
+        state = load_stock(folder, "LlamaForCausalLM").state_dict()
+        # A Llama folder holds the LM alone: write an LM-only file (like llm_512.pth), not a random projection.
+        model = MiniMindForCausalLM(config)
+    load_state(model, state, folder)
+    out = Path(args.out) if args.out else resolve(weight_path(args.save_dir, args.weight, config.hidden_size,
+                                                              config.use_moe))
     save_weights(model, out)
     print(f"wrote {out} from {folder}")
     return out

@@ -17,15 +17,15 @@ TOL = 1e-4
 WORST: dict[str, float] = {}  # worst logit difference per export, printed at the end of the module
 
 
-def peaky_weights(save_dir, seed: int = 0):
+def peaky_weights(save_dir, seed: int = 0, use_moe: bool = False):
     """A random MiniMind-V whose matrices are scaled up, so greedy choices are not near-ties."""
     torch.manual_seed(seed)
-    model = MiniMindVLM(VLMConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS))
+    model = MiniMindVLM(VLMConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, use_moe=use_moe))
     with torch.no_grad():
         for p in model.model.parameters():
             if p.dim() == 2:
                 p.mul_(6)
-    path = weight_path(save_dir, "sft_vlm", HIDDEN, False)
+    path = weight_path(save_dir, "sft_vlm", HIDDEN, use_moe)
     save_weights(model, path)
     return path
 
@@ -194,8 +194,8 @@ def test_round_trip_back_to_pth_is_exact(exported, kind):
 
 def test_bad_inputs_are_one_line_errors(exported, tmp_path, capsys):
     d, _, flags, _ = exported
-    assert convert(["to_llava", *flags, "--use_moe", "1", "--out_dir", str(tmp_path / "m")]) == 2
-    assert "to_hf" in capsys.readouterr().err
+    assert convert(["to_llama", *flags, "--use_moe", "1", "--out_dir", str(tmp_path / "m")]) == 2
+    assert "to_llava" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert convert(["to_llama", *flags, "--out_dir", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
@@ -218,3 +218,32 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path, capsys):
     (bad / "config.json").write_text("{not json")
     assert convert(["to_pth", *flags, "--load_from", str(bad), "--out", str(tmp_path / "x.pth")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_moe_llava_equals_ours_and_reads_back(tmp_path, tiny_clip):
+    """MoE: the LLaVA text model is a stock Qwen2-MoE (zero shared-expert gate, doubled shared down_proj)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    src = peaky_weights(tmp_path, seed=3, use_moe=True)
+    flags = model_flags(tmp_path, tiny_clip) + ["--use_moe", "1"]
+    assert convert(["to_llava", *flags, "--out_dir", str(tmp_path / "moe")]) == 0
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["text_config"]["model_type"] == "qwen2_moe"
+    ours = MiniMindVLM(VLMConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, use_moe=True))
+    load_weights(ours, src)
+    ours.vision_encoder = load_vision_encoder(tiny_clip)
+    ours.eval()
+    llava = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "moe"), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "moe"))
+    for chat in ("text", "two_images"):
+        messages, n = CHATS[chat]
+        inputs = llava_inputs(processor, messages, images()[:n])
+        px = inputs["pixel_values"][None] if n else None
+        with torch.no_grad():
+            record("to_llava (MoE)", (ours(inputs["input_ids"], pixel_values=px).logits
+                                      - llava(**inputs).logits).abs().max().item())
+    with torch.no_grad():
+        kw = dict(max_new_tokens=10, do_sample=False)
+        assert torch.equal(llava.generate(**inputs, **kw), ours.generate(inputs["input_ids"], pixel_values=px, **kw))
+    out = tmp_path / "back.pth"
+    assert convert(["to_pth", *flags, "--load_from", str(tmp_path / "moe"), "--out", str(out)]) == 0
+    a, b = read_state_dict(src), read_state_dict(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
