@@ -8,7 +8,8 @@ import torch
 
 from model.chat import build_inputs
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
-from model.weights import load_weights, read_state_dict, save_weights, weight_path
+from model.weights import load_weights, read_state_dict
+from scripts.check_llamacpp import random_lm
 from scripts.convert_vlm import main as convert
 from tests.infer_helpers import HIDDEN, LAYERS, model_flags
 
@@ -19,15 +20,7 @@ WORST: dict[str, float] = {}  # worst logit difference per export, printed at th
 
 def peaky_weights(save_dir, seed: int = 0, use_moe: bool = False):
     """A random MiniMind-V whose matrices are scaled up, so greedy choices are not near-ties."""
-    torch.manual_seed(seed)
-    model = MiniMindVLM(VLMConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, use_moe=use_moe))
-    with torch.no_grad():
-        for p in model.model.parameters():
-            if p.dim() == 2:
-                p.mul_(6)
-    path = weight_path(save_dir, "sft_vlm", HIDDEN, use_moe)
-    save_weights(model, path)
-    return path
+    return random_lm(save_dir, HIDDEN, LAYERS, seed=seed, use_moe=use_moe, name="sft_vlm")
 
 
 @pytest.fixture(scope="module")
