@@ -134,7 +134,14 @@ def moe_from_qwen2(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, t
 
 
 def minimind_config_from_llama(cfg: dict, **extra: Any) -> VLMConfig:
-    """Our config from a Llama config.json dict, refusing what MiniMind cannot compute."""
+    """Our config from a Llama (or Qwen2-MoE) config.json dict, refusing what MiniMind cannot compute."""
+    try:
+        return _minimind_config(cfg, dict(extra))
+    except KeyError as e:
+        raise StockExportError(f"config.json lacks {e}: not a complete Llama / Qwen2-MoE config") from None
+
+
+def _minimind_config(cfg: dict, extra: dict) -> VLMConfig:
     problems = []
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {cfg['hidden_act']!r} (MiniMind uses silu)")
@@ -143,6 +150,8 @@ def minimind_config_from_llama(cfg: dict, **extra: Any) -> VLMConfig:
     if not cfg.get("tie_word_embeddings", False):
         problems.append("untied lm_head (MiniMind ties it to the embeddings)")
     heads = cfg["num_attention_heads"]
+    if not isinstance(heads, int) or heads <= 0:
+        raise StockExportError(f"num_attention_heads {heads!r} in config.json is not a positive integer")
     if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
         problems.append(f"head_dim {cfg['head_dim']} != hidden_size / heads")
     rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 1e6)}
@@ -163,8 +172,8 @@ def minimind_config_from_llama(cfg: dict, **extra: Any) -> VLMConfig:
                                + "; ".join(problems))
     return VLMConfig(hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
                      num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads", heads),
-                     intermediate_size=cfg["moe_intermediate_size" if moe else "intermediate_size"], vocab_size=cfg["vocab_size"],
-                     rms_norm_eps=cfg["rms_norm_eps"], rope_theta=rope["rope_theta"],
+                     intermediate_size=cfg["moe_intermediate_size" if moe else "intermediate_size"],
+                     vocab_size=cfg["vocab_size"], rms_norm_eps=cfg["rms_norm_eps"], rope_theta=rope["rope_theta"],
                      max_position_embeddings=cfg["max_position_embeddings"], inference_rope_scaling=yarn, **extra)
 
 
@@ -278,9 +287,8 @@ _NORMALISE_MESSAGES = """{%- set _ns = namespace(msgs=[]) -%}
 
 
 def processor_chat_template(tokenizer_template: str) -> str:
-    if IMAGE_TOKEN != "@":  # the template above hard-codes it
-        raise AssertionError("update _NORMALISE_MESSAGES")
-    return _NORMALISE_MESSAGES + tokenizer_template
+    return (_NORMALISE_MESSAGES.replace("'@'", repr(IMAGE_TOKEN)).replace("'<image>'", repr(IMAGE_MARKER))
+            + tokenizer_template)
 
 
 def clip_image_processor() -> Any:

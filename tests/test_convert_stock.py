@@ -208,6 +208,13 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path, capsys):
     (bad / "model.safetensors").unlink()
     assert convert(["to_pth", *flags, "--load_from", str(bad), "--out", str(tmp_path / "x.pth")]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
+    lm = tmp_path / "lm"
+    shutil.copytree(d / "llama", lm)
+    cfg = json.loads((lm / "config.json").read_text())
+    del cfg["vocab_size"]
+    (lm / "config.json").write_text(json.dumps(cfg))
+    assert convert(["to_pth", *flags, "--load_from", str(lm), "--out", str(tmp_path / "x.pth")]) == 2
+    assert "lacks 'vocab_size'" in capsys.readouterr().err
     (bad / "config.json").write_text("{not json")
     assert convert(["to_pth", *flags, "--load_from", str(bad), "--out", str(tmp_path / "x.pth")]) == 2
     assert "cannot read" in capsys.readouterr().err
