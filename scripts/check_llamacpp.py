@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
         llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_batch=512, n_threads=args.threads, logits_all=True,
                               verbose=False, **kv)
         same_ids = [llm.tokenize(p.encode(), add_bos=False, special=True) == ids for p, ids in zip(prompts, prompt_ids)]
-        diffs, same_tokens = [], []
+        diffs, same_tokens, agree = [], [], []
         for ids, want_logits, want in zip(prompt_ids, our_logits, our_tokens):
             llm.reset()
             llm.eval(ids)
@@ -212,9 +212,11 @@ def run(args: argparse.Namespace) -> dict:
             diffs.append((got_logits - want_logits).abs().max().item())
             got, _ = llama_decode(llm, ids, args.new_tokens)
             same_tokens.append(got == want)
+            agree.append(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want)))
         result["checks"][outtype] = {"gguf_mb": round(gguf.stat().st_size / 2**20, 1),
                                      "same_tokenization": all(same_ids), "max_logit_diff": max(diffs),
-                                     "prompts_with_same_greedy_tokens": [sum(same_tokens), len(same_tokens)]}
+                                     "prompts_with_same_greedy_tokens": [sum(same_tokens), len(same_tokens)],
+                                     "tokens_before_first_difference": agree}
         del llm
 
     if args.bench_tokens:
