@@ -102,7 +102,8 @@ def prepare_out_dir(out_dir: str | None, src: Path, suffix: str) -> Path:
     return out
 
 
-def project_tokenizer(args: argparse.Namespace):
+def selected_tokenizer(args: argparse.Namespace) -> Any:
+    """The --tokenizer_path tokenizer, or a one-line error saying where to get one."""
     from transformers import AutoTokenizer
     tok_dir = resolve(args.tokenizer_path)
     if not (tok_dir / "tokenizer.json").exists():
@@ -117,7 +118,7 @@ def to_llava(args: argparse.Namespace) -> Path:
         encoder = load_vision_encoder(resolve(args.vision_model_path))
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ModelLoadError(f"--vision_model_path: {e}") from None
-    tokenizer = project_tokenizer(args)
+    tokenizer = selected_tokenizer(args)
     processor = build_processor(tokenizer)
     model = build_llava(config, state, encoder)
     out = prepare_out_dir(args.out_dir, src, "-llava")
@@ -130,7 +131,7 @@ def to_llava(args: argparse.Namespace) -> Path:
 
 def to_llama(args: argparse.Namespace) -> Path:
     src, config, state = load_native(args, "to_llama")
-    tokenizer = project_tokenizer(args)
+    tokenizer = selected_tokenizer(args)
     model = build_llama(config, state)
     out = prepare_out_dir(args.out_dir, src, "-llama")
     model.save_pretrained(str(out))
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         DIRECTIONS[args.direction](args)
-    except (ModelLoadError, WeightMismatchError, StockExportError, FileNotFoundError) as e:
+    except (ModelLoadError, WeightMismatchError, StockExportError, OSError) as e:  # OSError: unreadable or unwritable files
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
