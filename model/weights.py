@@ -52,7 +52,12 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
 
     Returns {"loaded": [...], "missing": [...]} where missing holds only the tolerated keys.
     """
-    state = read_state_dict(path)
+    return load_state(model, read_state_dict(path), path)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> dict[str, list[str]]:
+    """`load_weights` for a state dict already in memory; `path` names its source in messages."""
+    state = dict(state)
     own = model.state_dict()
     # Tied head: files always carry lm_head.weight; some exporters drop one side of the tie.
     if "lm_head.weight" in own and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:

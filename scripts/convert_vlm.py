@@ -1,8 +1,12 @@
-"""Convert MiniMind-V weights between the native `.pth` file and a transformers model folder.
+"""Convert MiniMind-V weights between the native `.pth` file and transformers model folders.
 
     # .pth -> folder (config.json with auto_map, model.safetensors, the model code, tokenizer files)
     python scripts/convert_vlm.py to_hf --save_dir out --weight sft_vlm --hidden_size 512 --out_dir out/MiniMind2-V
-    # folder -> .pth (written as {save_dir}/{weight}_{hidden}{_moe}.pth unless --out says otherwise)
+    # .pth -> stock LlavaForConditionalGeneration + LlavaProcessor folder (CLIP tower included, no custom code)
+    python scripts/convert_vlm.py to_llava --weight sft_vlm --vision_model_path model/vision_model/clip-vit-base-patch16 --out_dir out/MiniMind2-V-llava
+    # .pth -> stock LlamaForCausalLM folder (the LM alone, for text; llama.cpp's converter reads it)
+    python scripts/convert_vlm.py to_llama --weight sft_vlm --out_dir out/MiniMind2-V-llama
+    # any of the three folders -> .pth (written as {save_dir}/{weight}_{hidden}{_moe}.pth unless --out says otherwise)
     python scripts/convert_vlm.py to_pth --load_from out/MiniMind2-V --save_dir out --weight sft_vlm
 
 The folder loads offline with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
@@ -12,14 +16,18 @@ from_pretrained (or set `model.vision_encoder = load_vision_encoder(clip_folder)
 expected encoder under `vision_model`, for reference only. The tied lm_head is saved once
 (transformers re-ties it on load); weights are saved in fp16 like the `.pth` files, so a round trip
 is exact.
+
+to_llava and to_llama folders load with the stock classes (`LlavaForConditionalGeneration`,
+`AutoProcessor`, `LlamaForCausalLM`) and no trust_remote_code; see model/stock_export.py for why they
+compute exactly what MiniMind-V computes, and the README section "Use elsewhere" for what works where.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -27,8 +35,11 @@ import torch
 
 from model import resolve
 from model.load import ModelLoadError, add_model_args, native_weight_file
-from model.model_vlm import MiniMindVLM, VLMConfig
-from model.weights import WeightMismatchError, load_weights, save_weights, weight_path
+from model.model_minimind import MiniMindForCausalLM
+from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
+from model.stock_export import (StockExportError, build_llama, build_llava, build_processor, check_dense, check_moe,
+                                minimind_config_from_llama, read_config, state_from_llava)
+from model.weights import WeightMismatchError, load_state, load_weights, save_weights, weight_path
 
 log = logging.getLogger("minimind")
 CLIP_HUB_ID = "openai/clip-vit-base-patch16"
@@ -38,8 +49,7 @@ def to_hf(args: argparse.Namespace) -> Path:
     src = native_weight_file(args)
     if not src.is_file():
         raise ModelLoadError(f"weight file not found: {src} (download with `python scripts/download.py` or train one)")
-    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                       use_moe=bool(args.use_moe))
+    config = flag_config(args)
     model = MiniMindVLM(config)
     load_weights(model, src)
     config.vision_model = CLIP_HUB_ID  # informational: the tower is not in the folder
@@ -58,6 +68,133 @@ def to_hf(args: argparse.Namespace) -> Path:
     return out
 
 
+def flag_config(args: argparse.Namespace) -> VLMConfig:
+    return VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                     use_moe=bool(args.use_moe), inference_rope_scaling=bool(args.inference_rope_scaling))
+
+
+def load_native(args: argparse.Namespace, direction: str) -> tuple[Path, VLMConfig, dict[str, torch.Tensor]]:
+    """(weight file, config, our state dict) for the model the flags select, strictly loaded."""
+    config = flag_config(args)
+    if direction == "to_llama":  # before reading anything: the message is the same for every MoE file
+        check_dense(config, direction)
+    check_moe(config)
+    src = native_weight_file(args)
+    if not src.is_file():
+        raise ModelLoadError(f"weight file not found: {src} (download with `python scripts/download.py` or train one; "
+                             f"--save_dir/--weight/--hidden_size/--use_moe pick the file)")
+    model = MiniMindVLM(config)
+    load_weights(model, src)
+    return src, config, {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
+
+
+def prepare_out_dir(out_dir: str | None, src: Path, suffix: str) -> Path:
+    """The output folder: new, empty, or an earlier export (it has a config.json) that is overwritten."""
+    out = resolve(out_dir) if out_dir else src.with_name(src.stem + suffix)
+    if out.exists() and not out.is_dir():
+        raise ModelLoadError(f"--out_dir {out} is a file: name a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise ModelLoadError(f"--out_dir {out} is a non-empty folder that is not a model folder: name a new one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelLoadError(f"cannot create --out_dir {out}: {e.strerror}") from None
+    return out
+
+
+def selected_tokenizer(args: argparse.Namespace) -> Any:
+    """The --tokenizer_path tokenizer, or a one-line error saying where to get one."""
+    from transformers import AutoTokenizer
+    tok_dir = resolve(args.tokenizer_path)
+    if not (tok_dir / "tokenizer.json").exists():
+        raise ModelLoadError(f"no tokenizer at {tok_dir}: pass --tokenizer_path (model/tokenizer is the project's "
+                             f"own; `python scripts/download.py tokenizer` fetches the published one)")
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def to_llava(args: argparse.Namespace) -> Path:
+    src, config, state = load_native(args, "to_llava")
+    try:
+        encoder = load_vision_encoder(resolve(args.vision_model_path))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ModelLoadError(f"--vision_model_path: {e}") from None
+    tokenizer = selected_tokenizer(args)
+    processor = build_processor(tokenizer)
+    model = build_llava(config, state, encoder)
+    out = prepare_out_dir(args.out_dir, src, "-llava")
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    (out / "README.md").write_text(model_card("llava", src, config, args.vision_model_path))
+    print(f"wrote {out} from {src} (+ vision tower from {args.vision_model_path})")
+    return out
+
+
+def to_llama(args: argparse.Namespace) -> Path:
+    src, config, state = load_native(args, "to_llama")
+    tokenizer = selected_tokenizer(args)
+    model = build_llama(config, state)
+    out = prepare_out_dir(args.out_dir, src, "-llama")
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    (out / "README.md").write_text(model_card("llama", src, config))
+    print(f"wrote {out} from {src}")
+    return out
+
+
+def model_card(kind: str, src: Path, config: VLMConfig, vision: str | None = None) -> str:
+    size = f"hidden {config.hidden_size} x {config.num_hidden_layers} layers"
+    rope = "YaRN (factor 16 over 2048 positions)" if config.inference_rope_scaling else "plain RoPE (theta 1e6)"
+    head = ["---", "license: apache-2.0", "library_name: transformers",
+            f"pipeline_tag: {'image-text-to-text' if kind == 'llava' else 'text-generation'}", "---", ""]
+    if kind == "llava":
+        body = f"""# MiniMind-V ({size}) as a stock LLaVA model
+
+Converted from `{src.name}` by `scripts/convert_vlm.py to_llava` (MiniMind-V, Apache-2.0). Stock transformers
+classes hold it exactly: a `LlamaForCausalLM`-shaped language model ({rope}), the CLIP ViT-B/16 vision tower
+(from `{vision}`), and a projector that is MiniMind-V's single linear map (`linear_1`; `act` is the identity and
+`linear_2` an identity matrix with zero bias). No `trust_remote_code`.
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+model = LlavaForConditionalGeneration.from_pretrained("THIS_FOLDER", dtype=torch.float32)
+processor = AutoProcessor.from_pretrained("THIS_FOLDER")
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe the image."}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[Image.open("photo.jpg")], text=prompt, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=100, do_sample=False)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+Images: each image becomes 196 tokens of id 34 (the character `@`). In the chat template, `<image>` in text or
+an `{{"type": "image"}}` item marks an image; in raw text given to the processor, `@` is the marker. So a prompt
+with images cannot contain `@` as ordinary text (the processor and the model would count it as an image token).
+"""
+    else:
+        body = f"""# MiniMind ({size}) as a stock Llama model
+
+The language model of `{src.name}`, converted by `scripts/convert_vlm.py to_llama` (MiniMind-V, Apache-2.0):
+MiniMind's LM is a Llama ({rope}, grouped-query attention, SwiGLU, tied embeddings), so `LlamaForCausalLM`
+computes exactly what it computes. Text only: the vision projection is not in this folder (use `to_llava`).
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")
+ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hello"}}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)
+print(tokenizer.decode(model.generate(**ids, max_new_tokens=50)[0]))
+```
+
+llama.cpp: `scripts/check_llamacpp.py` in the MiniMind-V repository converts this folder to GGUF with llama.cpp's
+own `convert_hf_to_gguf.py` and checks the tokens against MiniMind's.
+"""
+    return "\n".join(head) + body
+
+
 def folder_weight_file(folder: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).exists():
@@ -71,7 +208,9 @@ def to_pth(args: argparse.Namespace) -> Path:
     folder = resolve(args.load_from)
     if args.load_from == "model" or not (folder / "config.json").exists():
         raise ModelLoadError(f"--load_from must name a transformers model folder (got {args.load_from!r})")
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = read_config(folder)
+    if cfg.get("model_type") in ("llava", "llama"):
+        return stock_to_pth(args, folder, cfg)
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
             "use_moe", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "rope_theta",
             "max_position_embeddings", "intermediate_size", "rms_norm_eps")
@@ -84,17 +223,64 @@ def to_pth(args: argparse.Namespace) -> Path:
     return out
 
 
+def load_stock(folder: Path, cls_name: str) -> Any:
+    """A stock transformers model from `folder`, strictly: a missing, unexpected or misshapen tensor is an
+    error (from_pretrained alone would initialise missing ones at random and only warn)."""
+    import transformers
+    cls = getattr(transformers, cls_name)
+    try:
+        model, info = cls.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise StockExportError(f"cannot load {folder} as a {cls_name}: {str(e).splitlines()[0]}") from None
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise StockExportError(f"{folder} does not hold a complete {cls_name}: " + "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}" for k, v in bad.items()))
+    return model
+
+
+def stock_to_pth(args: argparse.Namespace, folder: Path, cfg: dict) -> Path:
+    """A to_llava / to_llama folder back to the native file, strictly loaded both ways."""
+    folder_weight_file(folder)  # a clear message when the weights are missing altogether
+    if cfg["model_type"] == "llava":
+        text_cfg = cfg.get("text_config") or {}
+        if text_cfg.get("model_type", "llama") not in ("llama", "qwen2_moe"):
+            raise StockExportError(f"{folder}: the LLaVA text model is a {text_cfg.get('model_type')}, not a "
+                                   f"Llama or Qwen2-MoE: not a MiniMind-V export")
+        config = minimind_config_from_llama(text_cfg, image_ids=[cfg.get("image_token_index", 34)] *
+                                            cfg.get("image_seq_length", 196))
+        state = state_from_llava(load_stock(folder, "LlavaForConditionalGeneration"))
+        model = MiniMindVLM(config)
+    else:
+        config = minimind_config_from_llama(cfg)
+        state = load_stock(folder, "LlamaForCausalLM").state_dict()
+        # A Llama folder holds the LM alone: write an LM-only file (like llm_512.pth), not a random projection.
+        model = MiniMindForCausalLM(config)
+    load_state(model, state, folder)
+    out = Path(args.out) if args.out else resolve(weight_path(args.save_dir, args.weight, config.hidden_size,
+                                                              config.use_moe))
+    save_weights(model, out)
+    print(f"wrote {out} from {folder}")
+    return out
+
+
+DIRECTIONS = {"to_hf": to_hf, "to_pth": to_pth, "to_llava": to_llava, "to_llama": to_llama}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("direction", choices=["to_hf", "to_pth"])
+    ap.add_argument("direction", choices=list(DIRECTIONS))
     add_model_args(ap)
-    ap.add_argument("--out_dir", default=None, help="to_hf: output folder (default: the .pth path without suffix)")
+    ap.add_argument("--inference_rope_scaling", type=int, default=0, choices=[0, 1],
+                    help="1: YaRN (factor 16 over 2048 positions) in the written config")
+    ap.add_argument("--out_dir", default=None, help="to_hf / to_llava / to_llama: output folder (default: the .pth "
+                    "path without suffix, + '-llava' / '-llama')")
     ap.add_argument("--out", default=None, help="to_pth: output file (default: {save_dir}/{weight}_{hidden}.pth)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        (to_hf if args.direction == "to_hf" else to_pth)(args)
-    except (ModelLoadError, WeightMismatchError, FileNotFoundError) as e:
+        DIRECTIONS[args.direction](args)
+    except (ModelLoadError, WeightMismatchError, StockExportError, OSError) as e:  # OSError: unreadable or unwritable files
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
