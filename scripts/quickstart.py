@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from model import PROJECT_TOKENIZER, TINY_CLIP, resolve  # noqa: E402
 
-# A small model and a short schedule that fit the synthetic task into 11-14 minutes on two CPU cores
+# A small model and a short schedule that fit the synthetic task into 12-15 minutes on two CPU cores
 # (hidden 128 learns as much per step as 256 here, at about half the cost).
 HIDDEN, LAYERS = 128, 4
 STAGES = {
