@@ -29,20 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 
 from model import resolve
-from model.chat import DEFAULT_PROMPT, ChatInputError, answer, build_batch, open_image, with_image_markers
-from model.generate import generate
+from model.chat import DEFAULT_PROMPT, ChatInputError, answer, encode_chat, open_image, with_image_markers
+from model.engine import Engine, GenRequest
 from model.load import ModelLoadError, add_model_args, load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def print_answer(model, tokenizer, messages: list[dict], images: list, args: argparse.Namespace) -> str:
+def print_answer(engine: Engine, messages: list[dict], images: list, args: argparse.Namespace) -> str:
     """Stream one reply to stdout, then a speed line; returns the reply."""
     stats: dict = {}
     parts = []
+    pieces = answer(engine, messages, images, args.max_new_tokens, args.temperature, args.top_p,
+                    args.repetition_penalty, stats=stats, seed=args.seed)
     print("🤖: ", end="", flush=True)
-    for piece in answer(model, tokenizer, messages, images, args.max_new_tokens, args.temperature, args.top_p,
-                        args.repetition_penalty, stats=stats):
+    for piece in pieces:
         parts.append(piece)
         print(piece, end="", flush=True)
     n, secs = stats.get("new_tokens", 0), stats.get("seconds", 0.0)
@@ -51,7 +52,7 @@ def print_answer(model, tokenizer, messages: list[dict], images: list, args: arg
     return "".join(parts)
 
 
-def run_images(model, tokenizer, args: argparse.Namespace) -> None:
+def run_images(engine: Engine, args: argparse.Namespace) -> None:
     if args.image_dir:
         folder = resolve(args.image_dir)
         if not folder.is_dir():
@@ -61,16 +62,16 @@ def run_images(model, tokenizer, args: argparse.Namespace) -> None:
             raise ChatInputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         for p in paths:  # every image on its own, with the prompt (the original's behaviour)
             print(f"[image] {p.name}\n👶: {args.prompt or DEFAULT_PROMPT}")
-            print_answer(model, tokenizer, [{"role": "user", "content": with_image_markers(
+            print_answer(engine, [{"role": "user", "content": with_image_markers(
                 args.prompt or DEFAULT_PROMPT, 1)}], [open_image(str(p), p.name)], args)
         return
     images = [open_image(str(resolve(p)), p) for p in args.image]
     prompt = with_image_markers(args.prompt or DEFAULT_PROMPT, len(images))
     print(f"👶: {prompt}")
-    print_answer(model, tokenizer, [{"role": "user", "content": prompt}], images, args)
+    print_answer(engine, [{"role": "user", "content": prompt}], images, args)
 
 
-def chat(model, tokenizer, args: argparse.Namespace) -> None:
+def chat(engine: Engine, args: argparse.Namespace) -> None:
     """Interactive multi-turn chat; images given with --image join the first question."""
     images = [open_image(str(resolve(p)), p) for p in args.image]
     messages: list[dict] = []
@@ -86,7 +87,7 @@ def chat(model, tokenizer, args: argparse.Namespace) -> None:
             prompt = with_image_markers(prompt, len(images))
         messages.append({"role": "user", "content": prompt})
         try:
-            reply = print_answer(model, tokenizer, messages, images, args)
+            reply = print_answer(engine, messages, images, args)
         except ChatInputError as e:
             print(f"error: {e}")
             messages.pop()
@@ -131,8 +132,8 @@ def read_bench(path: Path) -> list[dict]:
     return rows
 
 
-@torch.inference_mode()
-def bench(model, tokenizer, args: argparse.Namespace) -> dict:
+def bench(engine: Engine, args: argparse.Namespace) -> dict:
+    """Greedy answers through the engine, args.batch_size rows at a time (continuous batching)."""
     from PIL import Image
     from tqdm import tqdm
     path = resolve(args.bench)
@@ -147,18 +148,18 @@ def bench(model, tokenizer, args: argparse.Namespace) -> dict:
     with tqdm(total=len(rows), desc=f"bench {path.name}", unit="row") as bar:
         for start in range(0, len(rows), args.batch_size):
             batch = rows[start:start + args.batch_size]
-            names = [f"{path} row {start + i}" for i in range(len(batch))]
-            images = [[blank if args.blank_image else open_image(b, f"{name} image {j}")
-                       for j, b in enumerate(r["images"])] for r, name in zip(batch, names)]
-            input_ids, attention_mask, pixel_values = build_batch(
-                tokenizer, [r["messages"] for r in batch], images, model.config.image_special_token, names)
-            if pixel_values is not None:
-                pixel_values = pixel_values.to(model.dtype)
-            out = generate(model, input_ids, attention_mask, pixel_values,
-                           max_new_tokens=args.bench_max_new_tokens, temperature=0.0,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
-            for r, ids in zip(batch, out.tolist()):
-                pred = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            handles = []
+            for i, r in enumerate(batch):
+                name = f"{path} row {start + i}"
+                images = [blank if args.blank_image else open_image(b, f"{name} image {j}")
+                          for j, b in enumerate(r["images"])]
+                try:
+                    ids, pixel_values = encode_chat(engine, r["messages"], images)
+                except ChatInputError as e:
+                    raise ChatInputError(f"{name}: {e}") from None
+                handles.append(engine.submit(GenRequest(ids, pixel_values, args.bench_max_new_tokens)))
+            for r, h in zip(batch, handles):
+                pred = "".join(ev.text for ev in h).strip()
                 results.append({"kind": r["kind"], "answer": r["answer"], "prediction": pred,
                                 "correct": is_correct(pred, r["answer"], choices[r["kind"]])})
             bar.update(len(batch))
@@ -212,19 +213,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    engine = None
     try:
         model, tokenizer = load_model(args)
+        engine = Engine(model, tokenizer, max_batch=args.batch_size if args.bench else 1,
+                        max_queue=max(args.batch_size, 1))
         if args.bench:
-            bench(model, tokenizer, args)
+            bench(engine, args)
         elif args.image_dir or (args.image and not args.chat):
-            run_images(model, tokenizer, args)
+            run_images(engine, args)
         else:
-            chat(model, tokenizer, args)
+            chat(engine, args)
     except (ModelLoadError, ChatInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if engine is not None:
+            engine.close()
     return 0
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradio as gr
 
 from model.chat import MAX_IMAGES, ChatInputError, answer, open_image, with_image_markers
+from model.engine import Engine
 from model.load import ModelLoadError, add_model_args, add_serve_args, list_weight_files, load_model, parse_weight_name
 
 LAYERS_OF_HIDDEN = {512: 8, 768: 16}  # the published sizes (SPEC §1); others use --num_hidden_layers
@@ -33,7 +34,7 @@ class ModelHolder:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.model, self.tokenizer = load_model(args)
+        self.engine = Engine(*load_model(args), max_batch=args.max_batch)
         self.name = self.current_name()
 
     def current_name(self) -> str:
@@ -55,9 +56,11 @@ class ModelHolder:
         args.load_from, args.weight, args.hidden_size, args.use_moe = "model", spec["weight"], spec["hidden_size"], spec["use_moe"]
         args.num_hidden_layers = LAYERS_OF_HIDDEN.get(spec["hidden_size"], self.args.num_hidden_layers)
         try:
-            self.model, self.tokenizer = load_model(args)
+            engine = Engine(*load_model(args), max_batch=args.max_batch)
         except ModelLoadError as e:
             return f"⚠️ could not load {name}: {e}; keeping {self.name}"
+        old, self.engine = self.engine, engine
+        old.close()  # answers still streaming from the old model end with an error event
         self.args, self.name = args, name
         return f"loaded {name}"
 
@@ -97,8 +100,7 @@ def build_demo(holder: ModelHolder) -> gr.Blocks:
                     raise ChatInputError(f"At most {MAX_IMAGES} images per chat: press New chat.")
                 messages = state["messages"] + [{"role": "user", "content": with_image_markers(question, len(images))}]
                 all_images = state["images"] + images
-                pieces = answer(holder.model, holder.tokenizer, messages, all_images, int(n_tokens), float(temp),
-                                float(p), stats=stats)
+                pieces = answer(holder.engine, messages, all_images, int(n_tokens), float(temp), float(p), stats=stats)
             except ChatInputError as e:
                 yield chat, state, f"⚠️ {e}", question
                 return
@@ -127,13 +129,15 @@ def build_demo(holder: ModelHolder) -> gr.Blocks:
 
 def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_serve_args(add_model_args(ap), port=7788)  # SPEC §6: the published demo's port
+    add_serve_args(add_model_args(ap), port=7788)  # the published demo's port
+    ap.add_argument("--max_batch", type=int, default=8, help="answers generated together (continuous batching)")
     return ap
 
 
 def launch(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     demo = build_demo(ModelHolder(args))
-    demo.queue(default_concurrency_limit=1)  # one generation at a time; others wait in the queue
+    # Every session's generation runs in the shared engine, batched with the others.
+    demo.queue(default_concurrency_limit=args.max_batch)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, ssr_mode=False,
                 prevent_thread_lock=not block, quiet=not block)
     return demo

@@ -12,12 +12,13 @@ from tests.infer_helpers import free_port, model_args, png_bytes, tiny_weights
 def server(tmp_path_factory, tiny_clip):
     import uvicorn
     from model.load import load_model
+    from model.engine import Engine
     from scripts.serve_openai_api import create_app
     save_dir = tmp_path_factory.mktemp("weights")
     tiny_weights(save_dir)
     model, tokenizer = load_model(model_args(save_dir, tiny_clip))
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, "tiny"), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(create_app(Engine(model, tokenizer), "tiny"), host="127.0.0.1", port=port,
                                         log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
