@@ -442,14 +442,11 @@ class Engine:
                              self._step[:n])
         self._seen[torch.arange(n), tokens] = True
         self._step[:n] += 1
-        finished = self._emit(tokens.tolist())
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[finished] = False
-        self._drop(finished, None)
+        order = self._drop(self._emit(tokens.tolist()), None)
         if not self._rows:
             self._release_cache()
             return
-        self._decode(tokens[keep.to(tokens.device)])
+        self._decode(tokens[order])
 
     def _emit(self, tokens: list[int]) -> list[int]:
         """Send every row its token's text; returns the rows that have finished."""
@@ -476,11 +473,12 @@ class Engine:
                 h._put(Event(row.index, text, tok, finish))
         return finished
 
-    def _drop(self, rows: list[int], reason: str | None) -> None:
-        """Remove rows (indices into the running batch); the last rows move into the holes."""
-        if not rows:
-            return
+    def _drop(self, rows: list[int], reason: str | None) -> torch.Tensor:
+        """Remove rows (indices into the running batch); the last rows move into the holes. Returns the
+        new order as indices of the old rows (to reorder anything else held per row)."""
         n = len(self._rows)
+        if not rows:
+            return torch.arange(n)
         if reason is not None:
             for i in rows:
                 r = self._rows[i]
@@ -502,12 +500,14 @@ class Engine:
             self._v[:, dst] = self._v[:, src]
             for d, s in zip(holes, donors):
                 self._rows[d] = self._rows[s]
+        order = list(range(m))
+        for d, s in zip(holes, donors):
+            order[d] = s
+        order = torch.tensor(order, dtype=torch.long)
         if self._logits is not None:
-            order = list(range(m))
-            for d, s in zip(holes, donors):
-                order[d] = s
-            self._logits = self._logits[torch.tensor(order, dtype=torch.long)]
+            self._logits = self._logits[order]
         del self._rows[m:]
+        return order
 
     def _ensure_cache(self, need: int) -> None:
         """Grow the KV cache to hold `need` positions per row (copying the running rows)."""

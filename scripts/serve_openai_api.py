@@ -241,27 +241,24 @@ class GuardMiddleware:
                 return await self._refuse(send, 400, "bad Content-Length", "invalid_request")
             if int(length) > self.max_body:
                 return await self._refuse(send, 413, self._too_big(), "request_too_large")
-        seen, started = 0, False
+        seen, refused = 0, False
 
         async def counted_receive() -> dict:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge()
+                if seen > self.max_body:  # a chunked upload without Content-Length: refuse as it grows
+                    refused = True
+                    await self._refuse(send, 413, self._too_big(), "request_too_large")
+                    return {"type": "http.disconnect"}  # the app stops reading; its own answer is dropped
             return message
 
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            started |= message["type"] == "http.response.start"
-            await send(message)
+        async def guarded_send(message: dict) -> None:
+            if not refused:
+                await send(message)
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send, 413, self._too_big(), "request_too_large")
+        await self.app(scope, counted_receive, guarded_send)
 
     def _too_big(self) -> str:
         return f"request body larger than {self.max_body / 2 ** 20:g} MiB"
@@ -273,10 +270,6 @@ class GuardMiddleware:
         raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 # ------------------------------------------------------------------------------------------ the app
