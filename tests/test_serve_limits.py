@@ -128,6 +128,12 @@ def malformed_bodies() -> list[tuple[str, bytes | dict]]:
         ("truncated image", {"messages": image_msg(png_bytes()[:60])}),
         ("body over the limit", {"messages": [{"role": "user", "content": "y" * 1_200_000}]}),
         ("unknown part type", {"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}),
+        ("deeply nested JSON", b"[" * 100_000),
+        ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
+        ("max_tokens 1e400", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}'),
+        ("seed 2**200 and n over the limit", {"messages": HI, "seed": 2 ** 200, "n": 4}),
+        ("json array body", b'[{"role": "user", "content": "hi"}]'),
+        ("empty body", b""),
     ]
 
 
@@ -203,6 +209,7 @@ def test_n_stop_and_seed_are_honoured(server):
     assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in r.choices]
     other = c.chat.completions.create(model="tiny", max_tokens=6, temperature=1.0, n=3, messages=HI, seed=2)
     assert [ch.message.content for ch in other.choices] != [ch.message.content for ch in r.choices]
+    assert c.chat.completions.create(model="tiny", max_tokens=2, temperature=1.0, messages=HI, seed=-2 ** 200).choices
     chunks = list(c.chat.completions.create(model="tiny", max_tokens=4, n=2, messages=HI, stream=True))
     assert {ch.choices[0].index for ch in chunks if ch.choices} == {0, 1}
     free = c.chat.completions.create(model="tiny", max_tokens=24, temperature=0.0, messages=HI)
