@@ -509,12 +509,15 @@ class Engine:
         del self._rows[m:]
         return order
 
-    def _ensure_cache(self, need: int) -> None:
-        """Grow the KV cache to hold `need` positions per row (copying the running rows)."""
-        if self._k is not None and need <= self._cap:
+    def _ensure_cache(self, need: int, rows: int) -> None:
+        """Grow the KV cache to hold `need` positions for `rows` rows (copying the running rows). Both
+        sizes grow in steps, so a lone request does not pay for zeroing a cache sized for max_batch."""
+        if self._k is not None and need <= self._cap and rows <= self._k.shape[1]:
             return
-        cap = min(self.max_context, -(-need // CACHE_CHUNK) * CACHE_CHUNK)
-        shape = (self._layers, self.max_batch, self._kv_heads, cap, self._head_dim)
+        cap = max(self._cap, min(self.max_context, -(-need // CACHE_CHUNK) * CACHE_CHUNK))
+        have = 0 if self._k is None else self._k.shape[1]
+        n_rows = min(self.max_batch, max(have, 1 << max(rows - 1, 0).bit_length()))
+        shape = (self._layers, n_rows, self._kv_heads, cap, self._head_dim)
         k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         if self._k is not None and self._rows:
@@ -543,8 +546,8 @@ class Engine:
         src = torch.tensor([b for b, h in enumerate(handles) for _ in range(h.request.n)], dtype=torch.long)
         src_d = src.to(self.device)
         need = max(len(h.request.input_ids) + h.request.max_new_tokens for h in handles)
-        self._ensure_cache(max(T, min(need, self.max_context),
-                               int(self._len[:first].max()) + 1 if first else 0))
+        self._ensure_cache(max(T, min(need, self.max_context), int(self._len[:first].max()) + 1 if first else 0),
+                           first + src.numel())
         embeds = model.embed(ids, image_features=features)
         hidden, _ = model.model(embeds, None, None, _PrefillCache(self._k, self._v, first, src_d))
         last = torch.tensor(lengths, device=self.device) - 1
@@ -589,8 +592,10 @@ class Engine:
         pos = self._len[:n].clone()
         t = int(pos.max()) + 1
         if t > self._cap:
-            self._ensure_cache(t)
-        mask = (torch.arange(t, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+            self._ensure_cache(t, n)
+        # An additive float mask: SDPA's CPU kernel takes it faster than a boolean one (same result).
+        mask = torch.zeros(n, 1, 1, t, device=self.device, dtype=self.dtype).masked_fill_(
+            torch.arange(t, device=self.device)[None, None, None, :] > pos[:, None, None, None], float("-inf"))
         model = self.model
         embeds = model.model.embed_tokens(tokens[:, None])
         hidden, _ = model.model(embeds, mask, pos[:, None], _DecodeCache(self._k, self._v, pos, t))
