@@ -147,6 +147,9 @@ def build_demo(holder: ModelHolder) -> gr.Blocks:
                 holder.running.pop(request.session_hash, None)
             state = {**state, "messages": messages + [{"role": "assistant", "content": reply}]}
             n, secs = handle.completion_tokens[0], time.perf_counter() - start
+            if handle.finish_reasons[0] == "cancelled":  # Stop won the race against gradio's own cancel
+                yield chat, state, "⏹ stopped", gr.skip()
+                return
             yield chat, state, f"{n} tokens, {n / max(secs, 1e-9):.1f} tokens/s", gr.skip()
 
         def prepare(engine: Engine, state: dict, question: str, paths: list[str]):
