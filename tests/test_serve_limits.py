@@ -329,3 +329,36 @@ def test_api_key(loaded, monkeypatch):
         r = client(url, "s3cret").chat.completions.create(model="tiny", max_tokens=2, messages=HI)
         assert r.choices[0].message.content is not None
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_sigterm_ends_the_server_with_streams_open(tmp_path, tiny_clip):
+    """The script itself: SIGTERM during open streams ends it within seconds (the old server hung)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from model import ROOT
+    from tests.infer_helpers import free_port, model_flags
+    tiny_weights(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_openai_api.py"), *model_flags(tmp_path, tiny_clip),
+                             "--port", str(port), "--max_batch", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        streams = [client(url).chat.completions.create(model="x", max_tokens=1500, messages=HI, stream=True)
+                   for _ in range(3)]  # two running, one waiting
+        next(iter(streams[0]))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
