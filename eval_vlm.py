@@ -29,6 +29,7 @@ import torch
 
 from model import resolve
 from model.chat import DEFAULT_PROMPT, ChatInputError, answer, open_image, with_image_markers
+from model.engine import Engine
 from model.load import ModelLoadError, add_model_args, load_model
 from benchmarks.extract import is_correct, normalise  # noqa: F401  (the Q&A rule, kept importable from here)
 from benchmarks.readers import FORMATS
@@ -37,13 +38,14 @@ from benchmarks.run import METHOD_CHOICES
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def print_answer(model, tokenizer, messages: list[dict], images: list, args: argparse.Namespace) -> str:
+def print_answer(engine: Engine, messages: list[dict], images: list, args: argparse.Namespace) -> str:
     """Stream one reply to stdout, then a speed line; returns the reply."""
     stats: dict = {}
     parts = []
+    pieces = answer(engine, messages, images, args.max_new_tokens, args.temperature, args.top_p,
+                    args.repetition_penalty, stats=stats, seed=args.seed)
     print("🤖: ", end="", flush=True)
-    for piece in answer(model, tokenizer, messages, images, args.max_new_tokens, args.temperature, args.top_p,
-                        args.repetition_penalty, stats=stats):
+    for piece in pieces:
         parts.append(piece)
         print(piece, end="", flush=True)
     n, secs = stats.get("new_tokens", 0), stats.get("seconds", 0.0)
@@ -52,7 +54,7 @@ def print_answer(model, tokenizer, messages: list[dict], images: list, args: arg
     return "".join(parts)
 
 
-def run_images(model, tokenizer, args: argparse.Namespace) -> None:
+def run_images(engine: Engine, args: argparse.Namespace) -> None:
     if args.image_dir:
         folder = resolve(args.image_dir)
         if not folder.is_dir():
@@ -62,16 +64,16 @@ def run_images(model, tokenizer, args: argparse.Namespace) -> None:
             raise ChatInputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         for p in paths:  # every image on its own, with the prompt (the original's behaviour)
             print(f"[image] {p.name}\n👶: {args.prompt or DEFAULT_PROMPT}")
-            print_answer(model, tokenizer, [{"role": "user", "content": with_image_markers(
+            print_answer(engine, [{"role": "user", "content": with_image_markers(
                 args.prompt or DEFAULT_PROMPT, 1)}], [open_image(str(p), p.name)], args)
         return
     images = [open_image(str(resolve(p)), p) for p in args.image]
     prompt = with_image_markers(args.prompt or DEFAULT_PROMPT, len(images))
     print(f"👶: {prompt}")
-    print_answer(model, tokenizer, [{"role": "user", "content": prompt}], images, args)
+    print_answer(engine, [{"role": "user", "content": prompt}], images, args)
 
 
-def chat(model, tokenizer, args: argparse.Namespace) -> None:
+def chat(engine: Engine, args: argparse.Namespace) -> None:
     """Interactive multi-turn chat; images given with --image join the first question."""
     images = [open_image(str(resolve(p)), p) for p in args.image]
     messages: list[dict] = []
@@ -87,7 +89,7 @@ def chat(model, tokenizer, args: argparse.Namespace) -> None:
             prompt = with_image_markers(prompt, len(images))
         messages.append({"role": "user", "content": prompt})
         try:
-            reply = print_answer(model, tokenizer, messages, images, args)
+            reply = print_answer(engine, messages, images, args)
         except ChatInputError as e:
             print(f"error: {e}")
             messages.pop()
@@ -142,19 +144,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    engine = None
     try:
         model, tokenizer = load_model(args)
-        if args.bench:
+        if args.bench:  # benchmarks/ batches its own rows (generation and option log-likelihood)
             bench(model, tokenizer, args)
-        elif args.image_dir or (args.image and not args.chat):
-            run_images(model, tokenizer, args)
+            return 0
+        engine = Engine(model, tokenizer, max_batch=1, max_queue=1)
+        if args.image_dir or (args.image and not args.chat):
+            run_images(engine, args)
         else:
-            chat(model, tokenizer, args)
+            chat(engine, args)
     except (ModelLoadError, ChatInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if engine is not None:
+            engine.close()
     return 0
 
 

@@ -1,28 +1,35 @@
-"""A gradio chat page for MiniMind-V: upload images, ask, watch the answer stream in.
+"""A gradio chat page for MiniMind-V: attach images to a question, watch the answer stream in, stop it.
 
-    python web_demo.py [--port 7788] [--host 127.0.0.1] [model flags as in eval_vlm.py]
+    python web_demo.py [--port 7788] [--host 127.0.0.1] [--max_batch 8] [model flags as in eval_vlm.py]
 
-Images in the upload box join the conversation with the next question (one `<image>` slot each,
-before the text). The weight menu lists the `.pth` files in --save_dir; picking one loads it.
-Mistakes (empty question, no image, a file that is not an image, a huge image) are explained in
-the status line and the page keeps working. Binds 127.0.0.1 unless --host says otherwise.
+One box takes the question and its images (paperclip, drag and drop or paste); the images join the
+conversation with that question (one `<image>` slot each, before the text) and show as thumbnails in
+the chat; the box is emptied when the question is sent. Stop cancels the answer being generated (its
+row leaves the engine's batch at once). Every session's answers run in one shared serving engine
+(model/engine.py), batched together. The weight menu lists the `.pth` files in --save_dir; picking one
+loads it. Mistakes (empty question, no image, a file that is not an image, a huge image) are explained
+in the status line without server paths, and the page keeps working. Binds 127.0.0.1 unless --host
+says otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import logging
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gradio as gr
 
-from model.chat import MAX_IMAGES, ChatInputError, answer, open_image, with_image_markers
+from model.chat import MAX_IMAGES, ChatInputError, encode_chat, open_image, with_image_markers
+from model.engine import Engine, EngineBusy, GenRequest, Handle
 from model.load import ModelLoadError, add_model_args, add_serve_args, list_weight_files, load_model, parse_weight_name
 
-LAYERS_OF_HIDDEN = {512: 8, 768: 16}  # the published sizes (SPEC §1); others use --num_hidden_layers
+LAYERS_OF_HIDDEN = {512: 8, 768: 16}  # the published sizes; others use --num_hidden_layers
 MAX_UPLOAD = "25mb"
 
 log = logging.getLogger("minimind")
@@ -33,8 +40,14 @@ class ModelHolder:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.model, self.tokenizer = load_model(args)
+        self.engine = Engine(*load_model(args), max_batch=args.max_batch)
         self.name = self.current_name()
+        self.running: dict[str, Handle] = {}  # session -> the answer it is generating (for Stop)
+
+    def stop(self, session: str) -> None:
+        handle = self.running.pop(session, None)
+        if handle is not None:
+            handle.cancel()
 
     def current_name(self) -> str:
         a = self.args
@@ -55,85 +68,124 @@ class ModelHolder:
         args.load_from, args.weight, args.hidden_size, args.use_moe = "model", spec["weight"], spec["hidden_size"], spec["use_moe"]
         args.num_hidden_layers = LAYERS_OF_HIDDEN.get(spec["hidden_size"], self.args.num_hidden_layers)
         try:
-            self.model, self.tokenizer = load_model(args)
+            engine = Engine(*load_model(args), max_batch=args.max_batch)
         except ModelLoadError as e:
             return f"⚠️ could not load {name}: {e}; keeping {self.name}"
+        old, self.engine = self.engine, engine
+        old.close()  # answers still streaming from the old model end with an error event
         self.args, self.name = args, name
         return f"loaded {name}"
 
 
+def empty_convo() -> dict:
+    return {"messages": [], "images": []}
+
+
 def build_demo(holder: ModelHolder) -> gr.Blocks:
     with gr.Blocks(title="MiniMind-V") as demo:
-        gr.Markdown("## MiniMind-V\nUpload one or more images, ask a question, and the answer streams in.")
-        # Per-session conversation: messages with <image> markers, the images, and the uploads already used.
-        convo = gr.State({"messages": [], "images": [], "used": []})
+        gr.Markdown("## MiniMind-V\nAttach one or more images to a question; the answer streams in.")
+        # Per-session conversation: messages with <image> markers and the preprocessed images so far.
+        convo = gr.State(empty_convo())
         with gr.Row():
             with gr.Column(scale=1):
-                files = gr.File(label="Images", file_count="multiple", elem_id="images")
                 weight = gr.Dropdown(holder.choices(), value=holder.name, label="Weights", elem_id="weights")
                 temperature = gr.Slider(0.0, 1.5, value=0.65, step=0.05, label="temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=0.85, step=0.05, label="top_p")
                 max_tokens = gr.Slider(8, 2048, value=512, step=8, label="max new tokens", elem_id="max_tokens")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=420)
-                prompt = gr.Textbox(label="Question", placeholder="Ask about the images…", elem_id="prompt")
+                box = gr.MultimodalTextbox(label="Question", placeholder="Ask about the images…", elem_id="prompt",
+                                           file_types=["image"], file_count="multiple", submit_btn="Send")
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    stop = gr.Button("Stop", elem_id="stop", variant="stop")
                     clear = gr.Button("New chat", elem_id="clear")
                 status = gr.Markdown("", elem_id="status")
 
-        def respond(question, uploads, state, chat, temp, p, n_tokens):
-            question = (question or "").strip()
+        async def respond(value, state, chat, temp, p, n_tokens, request: gr.Request):
+            value = value or {}
+            question = (value.get("text") or "").strip()
+            uploads = list(value.get("files") or [])
             if not question:
-                yield chat, state, "⚠️ Please type a question.", question
+                yield chat, state, "⚠️ Please type a question.", gr.skip()
                 return
-            new = [f for f in (uploads or []) if f not in state["used"]]
-            stats: dict = {}
+            engine = holder.engine
             try:
-                images = [open_image(f, Path(f).name) for f in new]
-                if not state["images"] and not images:
-                    raise ChatInputError("Please upload an image first (the model answers about images).")
-                if len(state["images"]) + len(images) > MAX_IMAGES:
+                if not state["images"] and not uploads:
+                    raise ChatInputError("Please attach an image first (the model answers about images).")
+                if len(state["images"]) + len(uploads) > MAX_IMAGES:
                     raise ChatInputError(f"At most {MAX_IMAGES} images per chat: press New chat.")
-                messages = state["messages"] + [{"role": "user", "content": with_image_markers(question, len(images))}]
-                all_images = state["images"] + images
-                pieces = answer(holder.model, holder.tokenizer, messages, all_images, int(n_tokens), float(temp),
-                                float(p), stats=stats)
+                images, messages, ids, pixels = await asyncio.to_thread(
+                    prepare, engine, state, question, [f if isinstance(f, str) else f["path"] for f in uploads])
+                handle = engine.submit(GenRequest(ids, pixels, int(n_tokens), float(temp), float(p)),
+                                       loop=asyncio.get_running_loop())
             except ChatInputError as e:
-                yield chat, state, f"⚠️ {e}", question
+                yield chat, state, f"⚠️ {e}", gr.skip()
                 return
-            shown = f"[{len(images)} image(s)] {question}" if images else question
+            except EngineBusy:
+                yield chat, state, "⚠️ The server is busy: try again in a moment.", gr.skip()
+                return
+            holder.running[request.session_hash] = handle
+            shown = [{"path": f if isinstance(f, str) else f["path"]} for f in uploads] + [question]
             chat = chat + [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
-            reply = ""
-            for piece in pieces:
-                reply += piece
-                chat[-1] = {"role": "assistant", "content": reply}
-                yield chat, state, "generating…", ""
-            state = {"messages": messages + [{"role": "assistant", "content": reply}], "images": all_images,
-                     "used": state["used"] + new}
-            n, secs = stats.get("new_tokens", 0), stats.get("seconds", 0.0)
-            yield chat, state, f"{n} tokens, {n / max(secs, 1e-9):.1f} tokens/s", ""
+            state = {"messages": messages, "images": state["images"] + images}
+            reply, start = "", time.perf_counter()
+            yield chat, state, "generating…", {"text": "", "files": []}  # the upload is spent: empty the box
+            try:
+                async for ev in handle:
+                    if ev.error:
+                        yield chat, state, f"⚠️ {ev.error}", gr.skip()
+                        return
+                    if not ev.text:
+                        continue
+                    reply += ev.text
+                    chat[-1] = {"role": "assistant", "content": reply}
+                    # The conversation keeps the partial reply, so after Stop it matches what is shown.
+                    state = {**state, "messages": messages + [{"role": "assistant", "content": reply}]}
+                    yield chat, state, "generating…", gr.skip()
+            finally:
+                handle.cancel()  # no-op when finished; frees the row when gradio cancels this generator
+                holder.running.pop(request.session_hash, None)
+            state = {**state, "messages": messages + [{"role": "assistant", "content": reply}]}
+            n, secs = handle.completion_tokens[0], time.perf_counter() - start
+            if handle.finish_reasons[0] == "cancelled":  # Stop won the race against gradio's own cancel
+                yield chat, state, "⏹ stopped", gr.skip()
+                return
+            yield chat, state, f"{n} tokens, {n / max(secs, 1e-9):.1f} tokens/s", gr.skip()
 
-        inputs = [prompt, files, convo, chatbot, temperature, top_p, max_tokens]
-        outputs = [chatbot, convo, status, prompt]
-        send.click(respond, inputs, outputs)
-        prompt.submit(respond, inputs, outputs)
-        clear.click(lambda: ([], {"messages": [], "images": [], "used": []}, "", None),
-                    None, [chatbot, convo, status, files])
-        weight.change(lambda name: ([], {"messages": [], "images": [], "used": []}, holder.switch(name)),
-                      weight, [chatbot, convo, status])
+        def prepare(engine: Engine, state: dict, question: str, paths: list[str]):
+            """Decode and check the new images, then the whole chat (runs in a worker thread)."""
+            from dataset.image_processing import preprocess_image
+            images = [preprocess_image(open_image(f, Path(f).name)) for f in paths]  # names only, never paths
+            messages = state["messages"] + [{"role": "user", "content": with_image_markers(question, len(images))}]
+            ids, pixels = encode_chat(engine, messages, state["images"] + images)
+            return images, messages, ids, pixels
+
+        def stop_answer(request: gr.Request):
+            holder.stop(request.session_hash)
+            return "⏹ stopped"
+
+        inputs = [box, convo, chatbot, temperature, top_p, max_tokens]
+        outputs = [chatbot, convo, status, box]
+        sent = box.submit(respond, inputs, outputs)
+        stop.click(stop_answer, None, status, cancels=[sent])
+        clear.click(lambda: ([], empty_convo(), "", {"text": "", "files": []}), None, [chatbot, convo, status, box])
+        weight.change(lambda name: ([], empty_convo(), holder.switch(name)), weight, [chatbot, convo, status])
     return demo
 
 
 def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_serve_args(add_model_args(ap), port=7788)  # SPEC §6: the published demo's port
+    add_serve_args(add_model_args(ap), port=7788)  # the published demo's port
+    ap.add_argument("--max_batch", type=int, default=8, help="answers generated together (continuous batching)")
     return ap
 
 
 def launch(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
-    demo = build_demo(ModelHolder(args))
-    demo.queue(default_concurrency_limit=1)  # one generation at a time; others wait in the queue
+    holder = ModelHolder(args)
+    demo = build_demo(holder)
+    demo.holder = holder  # for tests and embedding: the engine in use
+    # Every session's generation runs in the shared engine, batched with the others.
+    demo.queue(default_concurrency_limit=args.max_batch)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, ssr_mode=False,
                 prevent_thread_lock=not block, quiet=not block)
     return demo

@@ -40,6 +40,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights and activations: auto = float32 on CPU, bfloat16 on CUDA (float16 without bf16)")
+    g.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="CPU only: int8 = weight-only int8 linear layers (torchao); int8_dynamic = torch's own "
+                        "dynamic int8 quantization (int8 weights and activations); the vision tower stays fp32")
     return parser
 
 
@@ -52,6 +55,34 @@ def add_serve_args(parser: argparse.ArgumentParser, port: int) -> argparse.Argum
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE = ["none", "int8", "int8_dynamic"]
+
+
+def quantize(model: MiniMindVLM, method: str) -> MiniMindVLM:
+    """Replace the language model's linear layers (decoder and lm_head) by int8 ones, in place.
+
+    lm_head shares its weight with the token embeddings: it gets its own copy first, so the embedding
+    lookup keeps the fp32 table. The CLIP tower and the projection stay in fp32 (they run once per image).
+    """
+    if method == "none":
+        return model
+    from torch import nn
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    if method == "int8":
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            raise ModelLoadError("--quantize int8 needs torchao: pip install torchao "
+                                 "(or use --quantize int8_dynamic, built into torch)") from None
+        quantize_(model, Int8WeightOnlyConfig(),
+                  filter_fn=lambda m, name: isinstance(m, nn.Linear) and name.startswith(("model.", "lm_head")))
+    elif method == "int8_dynamic":
+        from torch.ao.quantization import quantize_dynamic
+        model.model = quantize_dynamic(model.model, {nn.Linear}, dtype=torch.qint8)
+        model.lm_head = quantize_dynamic(nn.Sequential(model.lm_head), {nn.Linear}, dtype=torch.qint8)[0]
+    else:
+        raise ModelLoadError(f"unknown --quantize {method!r} (choose from {', '.join(QUANTIZE)})")
+    return model
 
 
 def pick_dtype(device: str | torch.device, requested: str = "auto") -> torch.dtype:
@@ -135,6 +166,11 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
     except FileNotFoundError as e:  # its message says which script downloads / makes one
         raise ModelLoadError(str(e)) from None
     model = model.to(device=device, dtype=dtype).eval()
+    method = getattr(args, "quantize", "none")
+    if method != "none":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ModelLoadError("--quantize is for the CPU in float32 (on a GPU use --dtype bfloat16)")
+        quantize(model, method)
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision_encoder."))
     log.info("model: %.2fM parameters (vision tower excluded) on %s, %s", n_params / 1e6, device, dtype)
     return model, tokenizer

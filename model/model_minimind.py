@@ -267,7 +267,8 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_l
     causal attention (or, for one new token, attending to everything) is exact."""
     kv_len = past_len + q_len
     if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask.bool()
+        # A float 4-D mask is additive (0 / -inf), as SDPA takes it; anything else means "may attend".
+        return attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
     has_padding = attention_mask is not None and not bool(attention_mask[:, :kv_len].all())
     if not has_padding and (past_len == 0 or q_len == 1):
         return None

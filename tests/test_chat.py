@@ -1,20 +1,29 @@
-"""model/chat.py: chats to model inputs, one at a time (the demos) and batched (eval_vlm.py --bench)."""
+"""model/chat.py: chats to engine requests, with every check before the work it protects."""
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
 from dataset.image_processing import preprocess_image
-from model import resolve
-from model.chat import ChatInputError, build_batch, build_inputs
+from model.chat import ChatInputError, encode_chat, open_image
 
-TOKEN = "@" * 196
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(str(resolve("model/tokenizer")))
+def engine(tiny_clip):
+    from transformers import AutoTokenizer
+
+    from model import PROJECT_TOKENIZER
+    from model.engine import Engine
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    torch.manual_seed(0)
+    model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip).eval()
+    eng = Engine(model, AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER)), max_batch=2, max_context=600)
+    yield eng
+    eng.close()
 
 
 def image(seed: int) -> Image.Image:
@@ -25,27 +34,47 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def test_batch_is_left_padded_rows_of_the_single_chat_builder(tok):
-    chats = [user("What is two plus two, in words?"), user("<image>\nColour?"),
-             user("First <image> then <image>: which is red?")]
-    images = [[], [image(1)], [image(2), image(3)]]
-    ids, mask, px = build_batch(tok, chats, images, TOKEN)
-    assert ids.shape[0] == 3 and mask.shape == ids.shape and px.shape == (3, 2, 3, 224, 224)
-    for i, (chat, imgs) in enumerate(zip(chats, images)):
-        alone, alone_px = build_inputs(tok, chat, imgs, TOKEN)
-        n = alone.shape[1]
-        assert torch.equal(ids[i, -n:], alone[0]) and mask[i, -n:].all() and not mask[i, :-n].any()
-        for j in range(2):
-            want = alone_px[0, j] if j < len(imgs) else torch.zeros(3, 224, 224)
-            assert torch.equal(px[i, j], want)
-    assert torch.equal(px[2, 1], preprocess_image(image(3)))
-    assert build_inputs(tok, chats[0], [], TOKEN)[1] is None  # no image, no pixel tensor
+def png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def test_bad_chats_raise_with_their_name(tok):
-    with pytest.raises(ChatInputError, match=r"^eval.parquet row 7: the conversation has 1 <image> marker\(s\) but 0"):
-        build_batch(tok, [user("hi"), user("<image> what?")], [[], []], TOKEN, names=["row 6", "eval.parquet row 7"])
-    with pytest.raises(ChatInputError, match="the prompt is empty"):
-        build_inputs(tok, user("   "), [], TOKEN)
-    with pytest.raises(ChatInputError, match="at most 8 images"):
-        build_inputs(tok, user("<image>" * 9), [image(0)] * 9, TOKEN)
+def test_encode_chat_ids_and_pixels(engine):
+    from dataset.lm_dataset import render_conversation
+    chat = user("First <image> then <image>: which is red?")
+    ids, px = encode_chat(engine, chat, [image(2), image(3)])
+    text = render_conversation(engine.tokenizer, chat, add_generation_prompt=True, image_token="@" * 196)
+    assert ids == engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(34) == 2 * 196
+    assert px.shape == (2, 3, 224, 224) and torch.equal(px[1], preprocess_image(image(3)))
+    assert encode_chat(engine, user("hello"), [])[1] is None  # no image, no pixel tensor
+
+
+@pytest.mark.parametrize("chat, images, match", [
+    (user("   "), [], "the prompt is empty"),
+    (user("<image> what?"), [], r"1 <image> marker\(s\) but 0"),
+    (user("<image>" * 9), [image(0)] * 9, "at most 8 images"),
+    (user("@" * 196 + " is this an image?"), [], "image slot"),                # a slot typed as text
+    (user("bad \ud800 surrogate"), [], "not valid Unicode"),
+    (user(" ".join(map(str, range(400)))), [], "context holds 600"),           # too many tokens
+    (user("x" * (600 * 32 + 1)), [], "characters"),                             # refused before tokenizing
+])
+def test_bad_chats_are_refused(engine, chat, images, match):
+    with pytest.raises(ChatInputError, match=match):
+        encode_chat(engine, chat, images)
+
+
+def test_image_headers_are_checked_before_decoding(monkeypatch):
+    import model.chat as chat
+    decoded = []
+    monkeypatch.setattr(chat, "load_image", lambda src: decoded.append(src) or Image.new("RGB", (8, 8)))
+    with pytest.raises(ChatInputError, match="aspect ratio"):
+        open_image(png((1, 20000)))                  # resized, this would be 224 x 4.5 million pixels
+    with pytest.raises(ChatInputError, match="too large"):
+        open_image(png((8000, 8000)), max_pixels=10_000_000)
+    with pytest.raises(ChatInputError, match="not an image"):
+        open_image(b"definitely not an image")
+    assert decoded == []                             # none of them was decoded
+    open_image(png((40, 30)))
+    assert len(decoded) == 1

@@ -1,33 +1,21 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback."""
 import base64
-import threading
-import time
 
 import pytest
 
-from tests.infer_helpers import free_port, model_args, png_bytes, tiny_weights
+from tests.infer_helpers import model_args, png_bytes, running_server, tiny_weights
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_clip):
-    import uvicorn
+    from model.engine import Engine
     from model.load import load_model
     from scripts.serve_openai_api import create_app
     save_dir = tmp_path_factory.mktemp("weights")
     tiny_weights(save_dir)
     model, tokenizer = load_model(model_args(save_dir, tiny_clip))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, "tiny"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(Engine(model, tokenizer), "tiny")) as url:
+        yield url
 
 
 def image_part(data: bytes) -> dict:

@@ -1,0 +1,231 @@
+"""Serving benchmark: many streaming clients against the API server, continuous batching on and off.
+
+    python scripts/bench_serve.py                          # 512 x 8, random weights, tiny CLIP stand-in
+    python scripts/bench_serve.py --clip full --clients 1 4 16 --max_tokens 32 --threads 1
+
+Starts `scripts/serve_openai_api.py` twice in the same run on a random model of the published shape
+(hidden 512 x 8, fp32 on the CPU): once with continuous batching (--max_batch 64) and once one request
+at a time (--max_batch 1). Against each, for each workload (short text prompts; one image per prompt) and
+each number of clients, that many threads send streaming requests at the same moment with the official
+`openai` client: fixed prompts, fixed max_tokens (128), greedy. Reported per row: aggregate completion
+tokens/s (all tokens over the wall time from the first request to the last answer), p50/p95 time to
+first token and inter-token latency (gaps between streamed chunks), and whether every request finished
+with the same answer as the other server gave the same prompt (greedy: it must). Only timing lives
+here; tests check behaviour.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import PROJECT_TOKENIZER, RANDOM_CLIP, ROOT, TINY_CLIP
+
+TEXT_PROMPTS = [
+    "Tell me about the weather today.", "What is two plus two?", "Name a colour.", "Write one short sentence.",
+    "Where is the shape?", "Describe a circle.", "Say hello.", "Count to three.",
+]
+IMAGE_QUESTIONS = ["What colour is the shape?", "Is the shape on the left or on the right?",
+                   "Is the shape at the top or at the bottom?", "Describe the image."]
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def shape_png(i: int) -> str:
+    """A 64x64 PNG data URI: a coloured square, a different one per prompt."""
+    from PIL import Image, ImageDraw
+    colours = [(220, 30, 30), (30, 160, 60), (40, 70, 220), (230, 200, 40)]
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    x, y = (i % 2) * 32 + 4, (i // 2 % 2) * 32 + 4
+    ImageDraw.Draw(img).rectangle([x, y, x + 24, y + 24], fill=colours[i % 4])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def messages(workload: str, i: int) -> list[dict]:
+    if workload == "text":
+        return [{"role": "user", "content": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}]
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": shape_png(i % 8)}},
+                                         {"type": "text", "text": IMAGE_QUESTIONS[i % len(IMAGE_QUESTIONS)]}]}]
+
+
+class Server:
+    """The API server in a subprocess, on a free loopback port."""
+
+    def __init__(self, flags: list[str], log_path: Path, threads: int):
+        from tests.infer_helpers import free_port
+        self.port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else dict(os.environ)
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_openai_api.py"), *flags,
+                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        import httpx
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); see {log_path}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError(f"server did not start; see {log_path}")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def one_request(url: str, msgs: list[dict], max_tokens: int, start: threading.Barrier, out: dict) -> None:
+    from openai import OpenAI
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=1800)
+    start.wait()
+    t0 = time.perf_counter()
+    times, text, usage = [], [], None
+    stream = client.chat.completions.create(model="bench", messages=msgs, max_tokens=max_tokens, temperature=0.0,
+                                            stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(time.perf_counter())
+            text.append(chunk.choices[0].delta.content)
+    out.update(t0=t0, times=times, text="".join(text), tokens=usage.completion_tokens if usage else 0,
+               finished=usage is not None)
+
+
+def run_level(url: str, workload: str, clients: int, max_tokens: int) -> dict:
+    barrier = threading.Barrier(clients)
+    outs = [{} for _ in range(clients)]
+    threads = [threading.Thread(target=one_request, args=(url, messages(workload, i), max_tokens, barrier, outs[i]))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [o for o in outs if o.get("finished")]
+    start = min(o["t0"] for o in done)
+    end = max(o["times"][-1] for o in done if o["times"])
+    tokens = sum(o["tokens"] for o in done)
+    ttft = sorted(o["times"][0] - o["t0"] for o in done if o["times"])
+    gaps = sorted(b - a for o in done for a, b in zip(o["times"], o["times"][1:]))
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+    return {"clients": clients, "finished": len(done), "tokens": tokens, "seconds": end - start,
+            "tokens_per_s": tokens / (end - start), "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
+            "itl_p50": pct(gaps, 0.5), "itl_p95": pct(gaps, 0.95),
+            "answers": {i % 8: o["text"] for i, o in enumerate(outs) if o.get("finished")}}
+
+
+def make_weights(folder: Path, hidden: int, layers: int) -> None:
+    import torch
+
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    from model.weights import save_weights, weight_path
+    torch.manual_seed(0)
+    save_weights(MiniMindVLM(VLMConfig(hidden_size=hidden, num_hidden_layers=layers)),
+                 weight_path(folder, "bench", hidden, False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--workloads", nargs="+", default=["text", "image"], choices=["text", "image"])
+    ap.add_argument("--baseline_clients", type=int, nargs="+", default=None,
+                    help="client counts for the one-at-a-time server (default: --clients; it is serial, so its "
+                         "tokens/s hardly changes with the count)")
+    ap.add_argument("--max_tokens", type=int, default=128)
+    ap.add_argument("--hidden_size", type=int, default=512)
+    ap.add_argument("--num_hidden_layers", type=int, default=8)
+    ap.add_argument("--clip", choices=["tiny", "full"], default="tiny",
+                    help="CLIP stand-in: tiny (1 layer) or full (ViT-B/16 geometry, 12 layers); both random")
+    ap.add_argument("--max_batch", type=int, default=64, help="the batched server's --max_batch")
+    ap.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
+    ap.add_argument("--quantize", default=None, help="pass --quantize to both servers (e.g. int8)")
+    ap.add_argument("--json", default=str(ROOT / "bench_results" / "serve.json"))
+    args = ap.parse_args(argv)
+
+    from scripts.make_tiny_clip import make_clip
+    clip = make_clip(RANDOM_CLIP if args.clip == "full" else TINY_CLIP, full=args.clip == "full")
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    make_weights(work, args.hidden_size, args.num_hidden_layers)
+    flags = ["--save_dir", str(work), "--weight", "bench", "--hidden_size", str(args.hidden_size),
+             "--num_hidden_layers", str(args.num_hidden_layers), "--vision_model_path", str(clip),
+             "--tokenizer_path", str(PROJECT_TOKENIZER), "--device", "cpu", "--max_queue", "256"]
+    if args.quantize:
+        flags += ["--quantize", args.quantize]
+    modes = {"batched": args.max_batch, "one at a time": 1}
+    results: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "model": f"{args.hidden_size} x "
+                     f"{args.num_hidden_layers}, random weights, fp32" + (f", {args.quantize}" if args.quantize else ""),
+                     "clip": clip.name, "max_tokens": args.max_tokens, "rows": []}
+    print(f"{results['cpu']} ({results['cores']} cores); model {results['model']}; CLIP {clip.name}; "
+          f"max_tokens {args.max_tokens}, greedy, streaming", flush=True)
+    answers: dict = {}
+    for mode, max_batch in modes.items():
+        server = Server(flags + ["--max_batch", str(max_batch)], work / f"server_{max_batch}.log", args.threads)
+        try:
+            run_level(server.url, "text", 1, 4)  # warm-up
+            levels = args.clients if max_batch > 1 or not args.baseline_clients else args.baseline_clients
+            for workload in args.workloads:
+                for clients in levels:
+                    r = run_level(server.url, workload, clients, args.max_tokens)
+                    for k, text in r.pop("answers").items():
+                        answers.setdefault((workload, k), set()).add(text)
+                    r.update(mode=mode, workload=workload)
+                    results["rows"].append(r)
+                    print(f"  {mode:14s} {workload:5s} {clients:3d} clients: {r['tokens_per_s']:7.1f} tok/s  "
+                          f"TTFT p50 {r['ttft_p50']:.2f} s p95 {r['ttft_p95']:.2f} s  ITL p50 "
+                          f"{r['itl_p50'] * 1000:.0f} ms p95 {r['itl_p95'] * 1000:.0f} ms  "
+                          f"finished {r['finished']}/{clients}", flush=True)
+        finally:
+            server.close()
+    results["same_answers"] = all(len(v) == 1 for v in answers.values())
+    base = {(r["workload"], r["clients"]): r["tokens_per_s"] for r in results["rows"] if r["mode"] == "one at a time"}
+    print("\n| workload | clients | mode | tokens/s | vs one at a time | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) "
+          "| finished |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(results["rows"], key=lambda r: (r["workload"], r["clients"], r["mode"] != "batched")):
+        key = (r["workload"], r["clients"])
+        ratio = r["tokens_per_s"] / base[key] if key in base else None
+        r["speedup"] = round(ratio, 2) if ratio else None
+        shown = f"{ratio:.2f}x" if ratio else "-"
+        print(f"| {r['workload']} | {r['clients']} | {r['mode']} | {r['tokens_per_s']:.1f} | {shown} | "
+              f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['itl_p50'] * 1000:.0f} / {r['itl_p95'] * 1000:.0f} | "
+              f"{r['finished']}/{r['clients']} |")
+    print(f"\nsame greedy answer for each prompt in every run: {results['same_answers']}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    return 0 if results["same_answers"] and all(r["finished"] == r["clients"] for r in results["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

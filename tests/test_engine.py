@@ -1,0 +1,205 @@
+"""model/engine.py: continuous batching gives every request what it gets alone; sampling, stops, cancellation."""
+import threading
+import time
+
+import pytest
+import torch
+
+from model.engine import Detokenizer, Engine, EngineBusy, GenRequest, row_uniform, sample_rows
+from model.generate import generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_clip):
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    torch.manual_seed(0)
+    m = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip).eval()
+    with torch.no_grad():  # a peaky random model: greedy choices are not near-ties
+        for p in m.model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from model import PROJECT_TOKENIZER
+    return AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER))
+
+
+@pytest.fixture
+def engine(model, tok):
+    eng = Engine(model, tok, max_batch=16, max_queue=32)
+    yield eng
+    eng.close()
+
+
+def request(prompt_seed: int, n_text: int, n_images: int, **kw) -> GenRequest:
+    g = torch.Generator().manual_seed(prompt_seed)
+    text = torch.randint(40, 6400, (n_text,), generator=g)
+    ids = torch.cat([text[: n_text // 2]] + [torch.full((196,), 34)] * n_images + [text[n_text // 2:]])
+    px = torch.randn(n_images, 3, 224, 224, generator=g) if n_images else None
+    return GenRequest(ids.tolist(), px, **kw)
+
+
+def tokens(handle) -> list[int]:
+    return [ev.token for ev in handle if ev.token is not None]
+
+
+def test_greedy_batch_of_16_equals_each_request_alone(engine, model):
+    reqs = [request(s, 4 + 5 * s, s % 3, max_new_tokens=12 + s % 5) for s in range(16)]
+    alone = [tokens(engine.submit(r)) for r in reqs]
+    steps = engine.steps
+    handles = [engine.submit(r) for r in reqs]
+    together = [tokens(h) for h in handles]
+    assert together == alone
+    assert engine.max_rows_seen == 16 and engine.steps - steps < sum(len(a) for a in alone) / 4  # really batched
+    for r, a in zip(reqs[:4], alone):  # and the same as the single-request decode loop
+        px = None if r.pixel_values is None else r.pixel_values[None]
+        ref = generate(model, torch.tensor([r.input_ids]), pixel_values=px, max_new_tokens=len(a), eos_token_id=None)
+        assert ref[0].tolist() == a
+
+
+def test_rows_join_and_leave_a_running_batch(engine):
+    """Requests arriving while others decode (continuous batching) still get their solo tokens."""
+    reqs = [request(100 + s, 10 + s, s % 2, max_new_tokens=6 + 4 * s) for s in range(8)]
+    alone = [tokens(engine.submit(r)) for r in reqs]
+    handles = []
+    for r in reqs:
+        handles.append(engine.submit(r))
+        time.sleep(0.01)
+    assert [tokens(h) for h in handles] == alone
+
+
+def test_seeded_sampling_is_independent_of_the_batch(engine):
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    alone = tokens(engine.submit(request(1, 20, 1, **kw)))
+    others = [engine.submit(request(s, 15, 0, max_new_tokens=10, temperature=0.8)) for s in range(5)]
+    mine = engine.submit(request(1, 20, 1, **kw))
+    assert tokens(mine) == alone
+    for h in others:
+        tokens(h)
+    assert tokens(engine.submit(request(1, 20, 1, **{**kw, "seed": 8}))) != alone
+    h = engine.submit(request(1, 20, 1, **{**kw, "n": 3}))
+    by_choice = [[], [], []]
+    for ev in h:
+        if ev.token is not None:
+            by_choice[ev.index].append(ev.token)
+    assert by_choice[0] == alone and len({tuple(c) for c in by_choice}) == 3  # choices diverge
+
+
+def test_sample_rows_follows_top_p_and_uniforms():
+    u = row_uniform(torch.zeros(4000, dtype=torch.long), torch.zeros(4000, dtype=torch.long), torch.arange(4000))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 0.03
+    logits = torch.tensor([[5.0, 4.0, 0.0, -2.0]]).repeat(4000, 1)
+    seeds = torch.arange(4000)
+    args = (seeds, torch.zeros_like(seeds), torch.zeros_like(seeds))
+    draws = sample_rows(logits, torch.ones(4000), torch.full((4000,), 0.5), *args)
+    assert set(draws.tolist()) == {0}  # token 0 alone covers 73% > top_p
+    draws = sample_rows(logits, torch.ones(4000), torch.full((4000,), 0.999), *args)
+    assert set(draws.tolist()) == {0, 1, 2}  # the tail token (0.07%) is cut
+    share = (draws == 1).float().mean()
+    assert 0.2 < float(share) < 0.33  # p(1) = 0.265 after the cut
+    temps = torch.tensor([0.0, 1.0]).repeat(2000)  # greedy and sampled rows side by side
+    draws = sample_rows(logits, temps, torch.ones(4000), *args)
+    assert (draws[temps == 0] == 0).all() and (draws[temps > 0] != 0).any()
+
+
+def test_penalty_matches_the_single_request_loop(engine, model):
+    r = request(9, 16, 1, max_new_tokens=12, repetition_penalty=1.3)
+    ref = generate(model, torch.tensor([r.input_ids]), pixel_values=r.pixel_values[None], max_new_tokens=12,
+                   repetition_penalty=1.3, eos_token_id=None)
+    assert tokens(engine.submit(r)) == ref[0].tolist()
+
+
+def test_detokenizer_streams_whole_characters_and_honours_stop(tok):
+    text = "Hello wörld, 你好! The END is near."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    d = Detokenizer(tok, [])
+    pieces = [d.add(t)[0] for t in ids] + [d.flush()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    d = Detokenizer(tok, ["END", "zzz"])
+    out, stopped = [], False
+    for t in ids:
+        piece, stopped = d.add(t)
+        out.append(piece)
+        if stopped:
+            break
+    assert stopped and "".join(out) == "Hello wörld, 你好! The "
+
+
+def test_stop_length_and_context_cap(model, tok):
+    eng = Engine(model, tok, max_batch=4, max_context=300)
+    try:
+        r = request(3, 40, 1, max_new_tokens=10_000)  # 236 prompt tokens: only 64 fit
+        h = eng.submit(r)
+        assert len(tokens(h)) == 300 - 236 and h.finish_reasons == ["length"]
+        with pytest.raises(ValueError, match="context"):
+            eng.submit(request(3, 120, 1))  # 316 prompt tokens
+        free = tokens(eng.submit(request(4, 10, 0, max_new_tokens=40)))
+        text = tok.decode(free, skip_special_tokens=True)
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        h = eng.submit(request(4, 10, 0, max_new_tokens=40, stop=[stop]))
+        got = "".join(ev.text for ev in h)
+        assert h.finish_reasons == ["stop"] and got == text[:text.index(stop)]
+        assert h.completion_tokens[0] < len(free)  # the row stopped there, not at max_new_tokens
+    finally:
+        eng.close()
+
+
+def slow(model, seconds: float):
+    """Make every decoder forward sleep: a request that would run for long."""
+    return model.model.register_forward_pre_hook(lambda *a: time.sleep(seconds))
+
+
+def test_cancel_frees_the_row_and_full_queue_is_refused(model, tok):
+    eng = Engine(model, tok, max_batch=1, max_queue=1)
+    hook = slow(model, 0.02)
+    try:
+        long = eng.submit(request(5, 10, 0, max_new_tokens=1000))  # ~20 s if left alone
+        it = iter(long)
+        next(it), next(it)
+        waiting = eng.submit(request(6, 10, 0, max_new_tokens=3))
+        with pytest.raises(EngineBusy):
+            eng.submit(request(7, 10, 0, max_new_tokens=3))
+        t0 = time.perf_counter()
+        long.cancel()
+        assert len(tokens(waiting)) == 3 and time.perf_counter() - t0 < 5
+        assert long.finish_reasons == ["cancelled"]
+    finally:
+        hook.remove()
+        eng.close()
+
+
+def test_many_threads_submit_at_once(engine):
+    results, errors = {}, []
+
+    def client(i):
+        try:
+            results[i] = tokens(engine.submit(request(200 + i, 8, i % 2, max_new_tokens=5)))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 24 and all(len(v) == 5 for v in results.values())
+
+
+def test_close_ends_every_request_with_an_error(model, tok):
+    eng = Engine(model, tok, max_batch=1, max_queue=4)
+    hook = slow(model, 0.02)
+    try:
+        hs = [eng.submit(request(s, 10, 0, max_new_tokens=500)) for s in range(3)]
+        next(iter(hs[0]))
+        eng.close()
+        for h in hs:
+            evs = list(h)
+            assert evs[-1].error == "the server is shutting down"
+    finally:
+        hook.remove()
