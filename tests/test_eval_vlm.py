@@ -135,8 +135,7 @@ def test_bench_bad_rows_are_skipped_and_named(flags, tmp_path, capsys):
     assert report["rows"] == 1 and report["skipped"]["count"] == 2
     assert report["skipped"]["examples"] == [
         f"{path} row 1: image_bytes: the conversation has 1 <image> marker(s) but 0 image(s)",
-        f"{path} row 2: image: image 0 is not an image this demo can read (cannot decode image bytes: cannot "
-        f"identify image file <_io.BytesIO object at {report['skipped']['examples'][1].split(' at ')[1]}"]
+        f"{path} row 2: image: image 0 is not an image that can be read (UnidentifiedImageError)"]
     pq.write_table(pa.table({"conversations": [json.dumps(conv)], "image_bytes": [[b"junk"]]}), path)
     assert eval_vlm.main(flags + ["--bench", str(path)]) == 2
     assert f"{path}: no row could be scored (1 skipped: {path} row 0: image: image 0 is not an image" in \
