@@ -141,7 +141,9 @@ def build_demo(holder: ModelHolder) -> gr.Blocks:
                     chat[-1] = {"role": "assistant", "content": reply}
                     # The conversation keeps the partial reply, so after Stop it matches what is shown.
                     state = {**state, "messages": messages + [{"role": "assistant", "content": reply}]}
-                    yield chat, state, "generating…", gr.skip()
+                    # status untouched: a piece still in flight when Stop is clicked must not
+                    # overwrite the "stopped" that Stop writes
+                    yield chat, state, gr.skip(), gr.skip()
             finally:
                 handle.cancel()  # no-op when finished; frees the row when gradio cancels this generator
                 holder.running.pop(request.session_hash, None)
