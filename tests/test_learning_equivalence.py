@@ -41,7 +41,8 @@ def plain_loop(data, clip, init, fp16_features: bool = False) -> list[float]:
     ds = VLMDataset(data, tok, max_length=640)
     model = MiniMindVLM(VLMConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS), vision_model_path=clip)
     load_weights(model, init)
-    params = [p for n, p in model.named_parameters() if n in set(set_trainable(model, 0))]
+    trainable = set(set_trainable(model, 0))
+    params = [p for n, p in model.named_parameters() if n in trainable]
     opt = torch.optim.AdamW(params, lr=LR)
     sampler = RankSampler(ds.lengths(show_progress=False), BATCH, 0, 1, seed=0)
     total = EPOCHS * sampler.num_batches
