@@ -23,17 +23,15 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import torch
 
+from benchmarks.extract import is_correct, normalise  # noqa: F401  (the Q&A rule, kept importable from here)
+from benchmarks.readers import FORMATS
+from benchmarks.run import METHOD_CHOICES
 from model import resolve
 from model.chat import DEFAULT_PROMPT, ChatInputError, answer, open_image, with_image_markers
 from model.engine import Engine
 from model.load import ModelLoadError, add_model_args, load_model
-from benchmarks.extract import is_correct, normalise  # noqa: F401  (the Q&A rule, kept importable from here)
-from benchmarks.readers import FORMATS
-from benchmarks.run import METHOD_CHOICES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

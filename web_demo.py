@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import gradio as gr
 
 from model.chat import MAX_IMAGES, ChatInputError, encode_chat, open_image, with_image_markers
@@ -65,7 +63,8 @@ class ModelHolder:
         if not spec:
             return f"⚠️ {name}: not a `weight_hidden[_moe].pth` name; keeping {self.name}"
         args = copy.copy(self.args)
-        args.load_from, args.weight, args.hidden_size, args.use_moe = "model", spec["weight"], spec["hidden_size"], spec["use_moe"]
+        args.load_from, args.weight = "model", spec["weight"]
+        args.hidden_size, args.use_moe = spec["hidden_size"], spec["use_moe"]
         args.num_hidden_layers = LAYERS_OF_HIDDEN.get(spec["hidden_size"], self.args.num_hidden_layers)
         try:
             engine = Engine(*load_model(args), max_batch=args.max_batch)

@@ -9,7 +9,7 @@ Rank r takes the r-th `batch_size` slice of every global batch. Use with
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler

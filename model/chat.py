@@ -52,6 +52,7 @@ def open_image(src: bytes | str, name: str = "image", max_pixels: int = MAX_IMAG
     """Decode an upload (bytes or path) into an RGB PIL image, with user-facing errors. The size and
     aspect ratio are read from the header and checked before any pixel is decoded."""
     import warnings
+
     from PIL import Image
     # PIL refuses (DecompressionBombError) above twice this: a last line behind our own header check.
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2

@@ -87,7 +87,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         self.vision_proj = VisionProj(VISION_DIM, config.hidden_size)
 
     @classmethod
-    def from_pretrained(cls, *args: Any, vision_model_path: str | Path | None = None, **kwargs: Any) -> "MiniMindVLM":
+    def from_pretrained(cls, *args: Any, vision_model_path: str | Path | None = None, **kwargs: Any) -> MiniMindVLM:
         """transformers' from_pretrained, then the frozen CLIP tower from `vision_model_path` (a MiniMind-V
         folder never holds it; handing the path to __init__ would load it on transformers' meta device)."""
         model = super().from_pretrained(*args, **kwargs)
@@ -95,7 +95,7 @@ class MiniMindVLM(MiniMindForCausalLM):
             model.vision_encoder = load_vision_encoder(vision_model_path).to(model.device)
         return model
 
-    def train(self, mode: bool = True) -> "MiniMindVLM":
+    def train(self, mode: bool = True) -> MiniMindVLM:
         super().train(mode)
         if self.vision_encoder is not None:
             self.vision_encoder.eval()  # frozen: dropout/etc. stay off even while training

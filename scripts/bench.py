@@ -40,12 +40,9 @@ import os
 import platform
 import statistics
 import tempfile
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F
@@ -116,9 +113,9 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     Peak memory: each mode's warm-up runs alone, smallest first (on CPU the process high-water
     mark only grows)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from dataset.lm_dataset import VLMDataset
+
+    from dataset.lm_dataset import VLMDataset, collate_fn, collate_packed
     from model.model_vlm import MiniMindVLM, VLMConfig
-    from dataset.lm_dataset import collate_fn, collate_packed
     from trainer.data import RankSampler
     from trainer.feature_cache import FeatureCache
     from trainer.progress import peak_memory_mb
@@ -206,7 +203,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("mode", "{}"), ("sequences", "{:.1f}"), ("seq_len", "{:.0f}"), ("pad_share", "{:.1%}"), ("step_s", "{:.2f}"), ("step_s_median", "{:.2f}"), ("samples_per_s", "{:.2f}"),
+    cols = [("mode", "{}"), ("sequences", "{:.1f}"), ("seq_len", "{:.0f}"), ("pad_share", "{:.1%}"),
+            ("step_s", "{:.2f}"), ("step_s_median", "{:.2f}"), ("samples_per_s", "{:.2f}"),
             ("tokens_per_s", "{:.0f}"), ("vision_share", "{:.1%}"), ("gflop_per_step", "{:.0f}"),
             ("gflop_per_s", "{:.1f}"), ("peak_memory_mb", "{:.0f}")]
     lines = [" | ".join(c for c, _ in cols), " | ".join("---" for _ in cols)]

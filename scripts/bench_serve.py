@@ -21,15 +21,12 @@ import io
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import PROJECT_TOKENIZER, RANDOM_CLIP, ROOT, TINY_CLIP
 

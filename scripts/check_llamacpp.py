@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from model import DEFAULT_TOKENIZER, PROJECT_TOKENIZER
@@ -110,7 +108,7 @@ def converter_dir(src: str | None, version: str | None, download: bool = True) -
             cached.mkdir(parents=True, exist_ok=True)
             tar.extractall(cached, members=members, filter="data")
     if not ok(cached):
-        raise CheckError(f"the sdist did not contain llama.cpp's converter; pass --llama_cpp_src DIR")
+        raise CheckError("the sdist did not contain llama.cpp's converter; pass --llama_cpp_src DIR")
     return cached
 
 
@@ -159,12 +157,13 @@ def run(args: argparse.Namespace) -> dict:
     except ImportError:
         raise CheckError("llama-cpp-python is not installed: `pip install llama-cpp-python` builds it (CPU) from "
                          "source") from None
-    from scripts.bench_decode import timed
-    from scripts.convert_vlm import main as convert
+    from transformers import AutoTokenizer
+
     from model.generate import generate
     from model.model_vlm import MiniMindVLM, VLMConfig
     from model.weights import load_weights
-    from transformers import AutoTokenizer
+    from scripts.bench_decode import timed
+    from scripts.convert_vlm import main as convert
 
     torch.set_num_threads(args.threads)
     llama_cpp_dir = converter_dir(args.llama_cpp_src, llama_cpp.__version__)

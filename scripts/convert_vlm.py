@@ -3,7 +3,8 @@
     # .pth -> folder (config.json with auto_map, model.safetensors, the model code, tokenizer files)
     python scripts/convert_vlm.py to_hf --save_dir out --weight sft_vlm --hidden_size 512 --out_dir out/MiniMind2-V
     # .pth -> stock LlavaForConditionalGeneration + LlavaProcessor folder (CLIP tower included, no custom code)
-    python scripts/convert_vlm.py to_llava --weight sft_vlm --vision_model_path model/vision_model/clip-vit-base-patch16 --out_dir out/MiniMind2-V-llava
+    python scripts/convert_vlm.py to_llava --weight sft_vlm \
+        --vision_model_path model/vision_model/clip-vit-base-patch16 --out_dir out/MiniMind2-V-llava
     # .pth -> stock LlamaForCausalLM folder (the LM alone, for text; llama.cpp's converter reads it)
     python scripts/convert_vlm.py to_llama --weight sft_vlm --out_dir out/MiniMind2-V-llama
     # any of the three folders -> .pth (written as {save_dir}/{weight}_{hidden}{_moe}.pth unless --out says otherwise)
@@ -29,16 +30,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from model import resolve
 from model.load import ModelLoadError, add_model_args, native_weight_file
 from model.model_minimind import MiniMindForCausalLM
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
-from model.stock_export import (StockExportError, build_llama, build_llava, build_processor, check_dense, check_moe,
-                                minimind_config_from_llama, read_config, state_from_llava)
+from model.stock_export import (
+    StockExportError,
+    build_llama,
+    build_llava,
+    build_processor,
+    check_dense,
+    check_moe,
+    minimind_config_from_llama,
+    read_config,
+    state_from_llava,
+)
 from model.weights import WeightMismatchError, load_state, load_weights, save_weights, weight_path
 
 log = logging.getLogger("minimind")

@@ -32,10 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pyarrow as pa

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel

@@ -22,10 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from model import PROJECT_TOKENIZER, TINY_CLIP, resolve  # noqa: E402
+from model import PROJECT_TOKENIZER, ROOT, TINY_CLIP, resolve
 
 # A small model and a short schedule that fit the synthetic task into 12-15 minutes on two CPU cores
 # (hidden 128 learns as much per step as 256 here, at about half the cost).

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

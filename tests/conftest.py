@@ -1,15 +1,14 @@
 """Shared fixtures. Tests never touch the network: the hub is switched off before anything imports it."""
 import os
-import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after the environment: the hub must be off before anything imports it)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FIXTURE_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "minimind_tokenizer"
 
@@ -17,8 +16,8 @@ FIXTURE_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "minimind_tokenizer"
 @pytest.fixture(scope="session")
 def tiny_clip() -> Path:
     """The tiny random CLIP stand-in (224 px, 16 px patches, 768 wide), written once per machine."""
-    from scripts.make_tiny_clip import make_clip
     from model import TINY_CLIP
+    from scripts.make_tiny_clip import make_clip
     return make_clip(TINY_CLIP)
 
 

@@ -133,6 +133,7 @@ def test_llava_generate_gives_our_tokens(exported):
 
 def test_llava_chat_template_matches_the_tokenizer(exported):
     from transformers import AutoProcessor, AutoTokenizer
+
     from model import PROJECT_TOKENIZER
     d = exported[0] / "llava"
     processor = AutoProcessor.from_pretrained(str(d))

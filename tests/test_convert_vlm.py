@@ -53,6 +53,7 @@ def test_from_pretrained_offline_gives_identical_logits(converted, tiny_clip):
 def test_from_pretrained_attaches_the_vision_tower(converted, tiny_clip):
     """`vision_model_path=` loads CLIP after the folder (not inside __init__ on the meta device)."""
     from transformers import AutoModelForCausalLM
+
     from model.model_vlm import load_vision_encoder
     d, src, _ = converted
     hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), trust_remote_code=True, dtype=torch.float32,

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dataset.lm_dataset import (IGNORE, BadRowStats, LengthGroupedSampler, VLMDataset, collate_fn,
-                                render_conversation)
+from dataset.lm_dataset import IGNORE, BadRowStats, LengthGroupedSampler, VLMDataset, collate_fn, render_conversation
 from model import PROJECT_TOKENIZER
 
 SLOT = [34] * 196

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from dataset.lm_dataset import VLMDataset, collate_fn
 from model import PROJECT_TOKENIZER
 
-pytestmark = [pytest.mark.filterwarnings("ignore:This DataLoader will create"), pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists() or sys.platform != "linux",
+pytestmark = [pytest.mark.filterwarnings("ignore:This DataLoader will create"),
+              pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists() or sys.platform != "linux",
                                 reason="needs Linux /proc/self/smaps_rollup")]
 ROWS, PAD = 3000, 64 * 1024
 BOUND_MB = 64

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from scripts.make_synthetic_data import CHOICES, COLOURS, KINDS, TWO_IMAGE_ATTRIBUTE, make_dataset, write_captions
 from model import PROJECT_TOKENIZER
+from scripts.make_synthetic_data import CHOICES, COLOURS, KINDS, TWO_IMAGE_ATTRIBUTE, make_dataset, write_captions
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import re
 
 import httpx2
 import huggingface_hub
-from huggingface_hub import constants as hub_constants
 import pytest
+from huggingface_hub import constants as hub_constants
 
 from scripts import download
 

@@ -12,6 +12,7 @@ def test_bench_decode_small(tiny_clip):
 def test_runs_with_scripts_bench_flags(tiny_clip):
     """scripts/bench.py passes its own args (--clip is a folder path there) plus add_arguments'."""
     import argparse
+
     from scripts.bench_decode import add_arguments
     ap = argparse.ArgumentParser()
     for flag, default in [("--hidden_size", 64), ("--num_hidden_layers", 2), ("--threads", 0)]:

@@ -3,9 +3,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.train_loop import main
 from tests import bench_fixtures as fx
 from tests.train_helpers import make_data, metrics, tiny_flags
+from trainer.train_loop import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,8 +4,8 @@ import torch
 
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.weights import load_weights, read_state_dict, save_weights
-from trainer.train_loop import main
 from tests.train_helpers import make_data, metrics, tiny_flags
+from trainer.train_loop import main
 
 TINY = dict(hidden_size=64, num_hidden_layers=2)
 

@@ -11,8 +11,8 @@ processes continues at the right sample.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import torch

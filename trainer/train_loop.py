@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.training import add_eval_args, check_eval_data, due as eval_due, score_record
+from benchmarks.training import add_eval_args, check_eval_data, score_record
+from benchmarks.training import due as eval_due
 from model import DATA_DIR, DEFAULT_CLIP, DEFAULT_TOKENIZER, OUT_DIR, resolve
 from model.model_minimind import segment_attention_mask
 from model.model_vlm import MiniMindVLM, VLMConfig
@@ -56,8 +57,10 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage} (see the README's Training section)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--save_dir", default=str(OUT_DIR), help="folder of weight, resume and metrics files (relative: from the working directory)")
-    a("--save_weight", default=d["save_weight"], help="name prefix of the saved weights: {save_dir}/{save_weight}_{hidden}{_moe}.pth")
+    a("--save_dir", default=str(OUT_DIR),
+      help="folder of weight, resume and metrics files (relative: from the working directory)")
+    a("--save_weight", default=d["save_weight"],
+      help="name prefix of the saved weights: {save_dir}/{save_weight}_{hidden}{_moe}.pth")
     a("--epochs", type=int, default=d["epochs"])
     a("--batch_size", type=int, default=d["batch_size"], help="rows per micro-batch per process")
     a("--learning_rate", type=float, default=d["learning_rate"], help="peak learning rate (cosine to a tenth of it)")
@@ -77,7 +80,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--images_path", default=None, help="image folder of a .jsonl data file (default: images/ next to it)")
     a("--from_weight", default=d["from_weight"],
       help="NAME loads {save_dir}/NAME_{hidden}{_moe}.pth; a file path loads that file; none = random LM weights")
-    a("--from_resume", type=int, default=0, choices=[0, 1], help="1: continue from {save_dir}/{save_weight}_{hidden}{_moe}_resume.pth if present")
+    a("--from_resume", type=int, default=0, choices=[0, 1],
+      help="1: continue from {save_dir}/{save_weight}_{hidden}{_moe}_resume.pth if present")
     a("--freeze_llm", type=int, default=d["freeze_llm"], choices=sorted(FREEZE_CHOICES),
       help="; ".join(f"{k}: {v}" for k, v in FREEZE_CHOICES.items()))
     a("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the decoder stack")

@@ -6,12 +6,8 @@ Trains everything but the vision encoder (--freeze_llm 0) from the pretrain weig
     torchrun --nproc_per_node N trainer/train_sft_vlm.py [flags]   DDP
 Every flag and its default: --help. The loop itself is trainer/train_loop.py.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from trainer.train_loop import main  # noqa: E402
+from trainer.train_loop import main
 
 if __name__ == "__main__":
     main("sft")
