@@ -1,4 +1,4 @@
-"""Image decoding and CLIP preprocessing (SPEC §2), with PIL and numpy only.
+"""Image decoding and CLIP preprocessing, with PIL and numpy only.
 
     bytes / file -> PIL RGB (transparency composited on white, 16-bit scaled to 8-bit)
       -> resize shortest side to 224 (bicubic) -> centre-crop 224x224

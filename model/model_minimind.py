@@ -3,7 +3,8 @@
 One file, top to bottom: config, RMSNorm, rotary tables (with optional YaRN), grouped-query
 attention over `scaled_dot_product_attention` with a KV cache, SwiGLU MLP, the optional
 mixture-of-experts MLP, the decoder stack and the causal-LM head. Parameter names and shapes
-match the published MiniMind2 weights (see SPEC §1).
+match the published MiniMind2 weights key for key (`model.layers.{i}.self_attn.q_proj.weight`, ...),
+so `out/llm_512.pth` and the MiniMind2-V files load strictly.
 """
 from __future__ import annotations
 

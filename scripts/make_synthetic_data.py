@@ -10,7 +10,8 @@ word read off the image and drawn uniformly from its listed choices, so text alo
     two_images_where  Is the shape in the first/second image on the left or on the right?
 
 Colour and position are learnable from a randomly initialised CLIP stand-in; the kind of shape is
-not (SPEC §8), so no question asks about it. Colour is also the trap: a model can answer it by
+not (measured on the original code: shape questions stay near chance), so no question asks
+about it. Colour is also the trap: a model can answer it by
 averaging the whole image, and once it does, nothing pushes it to find *where* the shape is. Measured
 (tiny stand-in, LM hidden 128 x 4 from scratch, batch 16, lr 1e-3, all kinds mixed from the start):
 colour and top/bottom 1.0 within 300 steps, left/right still 0.5 and two_images ~0.6 after 600
@@ -47,7 +48,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 200, 20), "purple": (140, 40, 170), "orange": (245, 130, 20)}
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("colour", "horizontal", "vertical", "two_images")
-# Evaluated by default: the kinds SPEC §8 measured learnable within a few hundred steps; two_images
+# Evaluated by default: the kinds measured learnable within a few hundred steps; two_images
 # (the same colour skill plus picking the right image) is trained on, and evaluated on request.
 EVAL_KINDS = ("colour", "horizontal", "vertical")
 PRETRAIN_KINDS = ("horizontal", "two_images_where")

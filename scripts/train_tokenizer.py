@@ -1,4 +1,5 @@
-"""Train the project's own byte-level BPE tokenizer (SPEC §3 layout) into model/tokenizer/.
+"""Train the project's own byte-level BPE tokenizer (the published tokenizer's layout: 6400 ids,
+ids 0-2 the special tokens, then the 256 byte symbols) into model/tokenizer/.
 
 Layout, identical to the published MiniMind tokenizer: vocab 6400; `<|endoftext|>` 0 (pad, unk),
 `<|im_start|>` 1 (bos), `<|im_end|>` 2 (eos); then the 256-symbol byte-level alphabet in code-point

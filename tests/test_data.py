@@ -1,4 +1,4 @@
-"""VLMDataset: rendering, labels (SPEC §4), truncation, bad rows, collate, sampler, both file formats."""
+"""VLMDataset: rendering, labels (assistant replies only), truncation, bad rows, collate, sampler, both file formats."""
 import io
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Image decoding and CLIP preprocessing (SPEC §2) against transformers' processor."""
+"""Image decoding and CLIP preprocessing against transformers' processor."""
 import io
 
 import numpy as np

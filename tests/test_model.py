@@ -1,4 +1,4 @@
-"""The language model: SPEC §1 layout, the math against a naive reference, masks, caches, MoE."""
+"""The language model: the published state-dict layout, the math against a naive reference, masks, caches, MoE."""
 import math
 
 import pytest
@@ -18,7 +18,7 @@ def tiny_lm(seed: int = 0, **kw) -> MiniMindForCausalLM:
 
 
 def expected_keys(hidden: int, layers: int, moe: bool, vlm: bool = True) -> dict[str, tuple]:
-    """SPEC §1 written out: the published state-dict layout."""
+    """The published state-dict layout, written out key by key."""
     kv = 2 * (hidden // 8)
     inter = 64 * math.ceil(hidden * 8 / 3 / 64)
     keys = {"model.embed_tokens.weight": (6400, hidden), "model.norm.weight": (hidden,),
@@ -60,7 +60,7 @@ def test_parameter_count_is_26m():
 
 
 def naive_forward(model: MiniMindForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    """SPEC §1 spelled out with explicit matrices, independent of the model's code paths."""
+    """The published architecture spelled out with explicit matrices, independent of the model's code paths."""
     c = model.config
     sd = model.state_dict()
     hd = c.hidden_size // c.num_attention_heads

@@ -1,4 +1,4 @@
-"""The project tokenizer (model/tokenizer, written by scripts/train_tokenizer.py): SPEC §3 layout."""
+"""The project tokenizer (model/tokenizer, written by scripts/train_tokenizer.py): the published layout."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""The pure pieces of the training recipe (SPEC §5): learning-rate schedule, which parameters
+"""The pure pieces of the published training recipe: learning-rate schedule, which parameters
 train, and where a (possibly resized) resumed run picks up. No I/O, no distributed state."""
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ A step: a uniformly random batch of rows, packed side by side into sequences of 
 tokens (or padded to its longest row) -> the frozen CLIP encoder, once for every image of the
 batch, in inference mode (or the on-disk feature cache) -> the VLM forward, whose loss projects
 only the supervised positions to the vocabulary -> backward (DDP's all-reduce only on the last
-micro-batch of an accumulation group) -> unscale, clip, AdamW step at the SPEC §5 learning rate.
+micro-batch of an accumulation group) -> unscale, clip, AdamW step at the
+published recipe's learning rate (cosine from lr down to lr/10).
 Weight and resume files are written atomically by rank 0 (see checkpoint.py).
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ from trainer.recipe import FREEZE_CHOICES, Position, get_lr, resume_position, se
 
 log = logging.getLogger("minimind.train")
 
-# SPEC §5: the published defaults of each stage; everything else is shared.
+# The published defaults of each stage (the original scripts' own); everything else is shared.
 STAGES: dict[str, dict[str, Any]] = {
     "pretrain": dict(data_path=DATA_DIR / "pretrain_data.parquet", from_weight="llm", save_weight="pretrain_vlm",
                      epochs=4, batch_size=16, learning_rate=4e-4, max_seq_len=640, freeze_llm=1),
