@@ -29,6 +29,14 @@ from benchmarks.extract import is_correct, normalise  # noqa: F401  (the Q&A rul
 from benchmarks.readers import FORMATS
 from benchmarks.run import METHOD_CHOICES
 from model import resolve
+from model.argtypes import (
+    float_range,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from model.chat import DEFAULT_PROMPT, ChatInputError, answer, open_image, with_image_markers
 from model.engine import Engine
 from model.load import ModelLoadError, add_model_args, load_model
@@ -60,10 +68,20 @@ def run_images(engine: Engine, args: argparse.Namespace) -> None:
         paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise ChatInputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        skipped = 0
         for p in paths:  # every image on its own, with the prompt (the original's behaviour)
+            try:
+                image = open_image(str(p), p.name)
+            except ChatInputError as e:  # one bad file (not an image, truncated, too large) does not end the run
+                print(f"[skipped] {e}", file=sys.stderr, flush=True)
+                skipped += 1
+                continue
             print(f"[image] {p.name}\n👶: {args.prompt or DEFAULT_PROMPT}")
             print_answer(engine, [{"role": "user", "content": with_image_markers(
-                args.prompt or DEFAULT_PROMPT, 1)}], [open_image(str(p), p.name)], args)
+                args.prompt or DEFAULT_PROMPT, 1)}], [image], args)
+        if skipped == len(paths):
+            raise ChatInputError(f"no image in {folder} could be read ({skipped} skipped)")
+        print(f"{len(paths) - skipped} image(s) answered, {skipped} skipped")
         return
     images = [open_image(str(resolve(p)), p) for p in args.image]
     prompt = with_image_markers(args.prompt or DEFAULT_PROMPT, len(images))
@@ -116,11 +134,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_dir", default=None, help="describe every image in this folder")
     g.add_argument("--chat", action="store_true", help="chat about the --image files (default without images)")
     g = ap.add_argument_group("sampling")
-    g.add_argument("--max_new_tokens", type=int, default=512)
-    g.add_argument("--temperature", type=float, default=0.65, help="0 = greedy")
-    g.add_argument("--top_p", type=float, default=0.85)
-    g.add_argument("--repetition_penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max_new_tokens", type=positive_int, default=512)
+    g.add_argument("--temperature", type=non_negative_float, default=0.65, help="0 = greedy")
+    g.add_argument("--top_p", type=float_range(0, 1, low_open=True), default=0.85, help="in (0, 1]")
+    g.add_argument("--repetition_penalty", type=positive_float, default=1.0, help="> 0; 1 = off")
+    g.add_argument("--seed", type=seed_int, default=None)
     g = ap.add_argument_group("benchmark")
     g.add_argument("--bench", default=None, help="score on a benchmark file or folder of shards: MMStar, ScienceQA-IMG, "
                    "POPE, MMBench (scripts/download.py bench NAME) or a Q&A parquet (dataset/synthetic/eval.parquet)")
@@ -131,9 +149,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="1: also score every item with its images blanked (the no-image line)")
     g.add_argument("--bench_out", default=None, help="write the scores and every item's prediction as JSON here")
     g.add_argument("--blank_image", action="store_true", help="score only with every image replaced by a grey one")
-    g.add_argument("--bench_limit", type=int, default=0, help="score only the first N rows")
-    g.add_argument("--bench_max_new_tokens", type=int, default=24, help="answers are a letter or a few words")
-    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--bench_limit", type=non_negative_int, default=0, help="score only the first N rows (0: all)")
+    g.add_argument("--bench_max_new_tokens", type=positive_int, default=24, help="answers are a letter or a few words")
+    g.add_argument("--batch_size", type=positive_int, default=16)
     return ap
 
 

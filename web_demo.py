@@ -23,11 +23,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from model.argtypes import positive_int
 from model.chat import MAX_IMAGES, ChatInputError, encode_chat, open_image, with_image_markers
 from model.engine import Engine, EngineBusy, GenRequest, Handle
 from model.load import ModelLoadError, add_model_args, add_serve_args, list_weight_files, load_model, parse_weight_name
 
-LAYERS_OF_HIDDEN = {512: 8, 768: 16}  # the published sizes; others use --num_hidden_layers
 MAX_UPLOAD = "25mb"
 
 log = logging.getLogger("minimind")
@@ -65,7 +65,7 @@ class ModelHolder:
         args = copy.copy(self.args)
         args.load_from, args.weight = "model", spec["weight"]
         args.hidden_size, args.use_moe = spec["hidden_size"], spec["use_moe"]
-        args.num_hidden_layers = LAYERS_OF_HIDDEN.get(spec["hidden_size"], self.args.num_hidden_layers)
+        args.num_hidden_layers = None  # read from the file
         try:
             engine = Engine(*load_model(args), max_batch=args.max_batch)
         except ModelLoadError as e:
@@ -177,7 +177,7 @@ def build_demo(holder: ModelHolder) -> gr.Blocks:
 def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_args(add_model_args(ap), port=7788)  # the published demo's port
-    ap.add_argument("--max_batch", type=int, default=8, help="answers generated together (continuous batching)")
+    ap.add_argument("--max_batch", type=positive_int, default=8, help="answers generated together (continuous batching)")
     return ap
 
 

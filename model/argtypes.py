@@ -44,6 +44,19 @@ def float_range(low: float | None = None, high: float | None = None, low_open: b
     return parse
 
 
+def int_multiple(step: int, low: int | None = None) -> Callable[[str], int]:
+    """A whole number that is a multiple of `step` (and >= low when given)."""
+    base = int_range(low)
+
+    def parse(text: str) -> int:
+        value = base(text)
+        if value % step:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {step}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
 def _describe(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if high is None:
         return f"{'>' if low_open else '>='} {low:g}"
@@ -56,3 +69,7 @@ positive_int = int_range(1)
 non_negative_int = int_range(0)
 positive_float = float_range(0, low_open=True)
 non_negative_float = float_range(0)
+port_int = int_range(1, 65535)
+seed_int = int_range(0, 2**32 - 1)  # what every random generator in use (torch, numpy, random) accepts
+# A MiniMind width for a freshly built model: 8 attention heads whose size is even (rotary embedding pairs).
+model_width = int_multiple(16, 16)

@@ -1,21 +1,37 @@
 """Model selection shared by every inference entry point (eval_vlm.py, web_demo.py, the API server).
 
-`--load_from model` builds a MiniMindVLM and strictly loads the native weight file
-`{save_dir}/{weight}_{hidden}{_moe}.pth`; any other value is a transformers-format folder written by
-`scripts/convert_vlm.py` (or downloaded). The CLIP vision tower is never part of the weights: it
-always comes from `--vision_model_path`.
+`--load_from model` strictly loads the native weight file `{save_dir}/{weight}_{hidden}{_moe}.pth`
+into a MiniMindVLM whose sizes are read from the file itself (the size flags only pick the file and, when
+given, are checked against it). Any other value is a transformers-format folder written by
+`scripts/convert_vlm.py` (or downloaded): our own model type is built from this repository's classes and
+LLaVA / Llama exports from stock transformers classes, so no code shipped in the folder runs unless
+`--trust_remote_code` is given. The CLIP vision tower is never part of the weights: it always comes from
+`--vision_model_path`.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 from pathlib import Path
 
 import torch
 
 from . import DEFAULT_CLIP, DEFAULT_TOKENIZER, resolve
+from .argtypes import port_int, positive_int
+from .model_minimind import MiniMindConfig
 from .model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
-from .weights import load_weights, weight_path
+from .stock_export import StockExportError, read_config, stock_state
+from .weights import (
+    SHAPE_FLAGS,
+    WeightError,
+    check_shape,
+    folder_weight_file,
+    infer_shape,
+    load_state,
+    read_state_dict,
+    weight_path,
+)
 
 log = logging.getLogger("minimind")
 
@@ -27,13 +43,20 @@ class ModelLoadError(RuntimeError):
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--load_from", default="model",
-                   help="'model': native .pth chosen by --save_dir/--weight/--hidden_size/--num_hidden_layers/"
-                        "--use_moe; otherwise a transformers-format folder (scripts/convert_vlm.py)")
+                   help="'model': native .pth chosen by --save_dir/--weight/--hidden_size/--use_moe; otherwise a "
+                        "transformers-format folder (scripts/convert_vlm.py)")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="let transformers run the Python code of a --load_from folder (only for folders you "
+                        "trust; never needed for folders written by scripts/convert_vlm.py)")
     g.add_argument("--save_dir", default="out", help="folder of .pth weights (relative: cwd, else repo root)")
     g.add_argument("--weight", default="sft_vlm", help="weight name prefix, e.g. sft_vlm, pretrain_vlm")
-    g.add_argument("--hidden_size", type=int, default=512)
-    g.add_argument("--num_hidden_layers", type=int, default=8)
-    g.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    g.add_argument("--hidden_size", type=positive_int, default=None,
+                   help="picks {weight}_{hidden}.pth (default: 512 if that file exists, else the only "
+                        "{weight}_*.pth); the model's sizes always come from the file")
+    g.add_argument("--num_hidden_layers", type=positive_int, default=None,
+                   help="default: from the weight file (given: checked against it)")
+    g.add_argument("--use_moe", type=int, default=None, choices=[0, 1],
+                   help="default: from the weight file (given: picks {weight}_{hidden}_moe.pth and is checked)")
     g.add_argument("--vision_model_path", default=str(DEFAULT_CLIP), help="CLIP ViT-B/16 folder")
     g.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER),
                    help="tokenizer folder (for a transformers folder its own tokenizer is used when present)")
@@ -50,7 +73,7 @@ def add_serve_args(parser: argparse.ArgumentParser, port: int) -> argparse.Argum
     """--host / --port of the web demo and the API server: loopback unless the user opens it up
     (the original web demo bound 0.0.0.0)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--port", type=port_int, default=port)
     return parser
 
 
@@ -96,8 +119,101 @@ def pick_dtype(device: str | torch.device, requested: str = "auto") -> torch.dty
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def native_weight_file(args: argparse.Namespace) -> Path:
-    return resolve(weight_path(args.save_dir, args.weight, args.hidden_size, bool(args.use_moe)))
+def choose_weight_file(save_dir: str | Path, weight: str, hidden_size: int | None = None,
+                       use_moe: int | None = None) -> Path:
+    """The native file the flags name: `{save_dir}/{weight}_{hidden}{_moe}.pth`. Without --hidden_size: 512
+    when that file exists, otherwise the only `{weight}_*.pth` there; without --use_moe: the dense file
+    when both exist."""
+    folder = resolve(save_dir)
+    hidden = 512 if hidden_size is None else hidden_size
+    for moe in ([0, 1] if use_moe is None else [use_moe]):
+        path = weight_path(folder, weight, hidden, bool(moe))
+        if path.is_file():
+            return path
+    found = sorted((p for p in list_weight_files(folder) if (spec := parse_weight_name(p)).get("weight") == weight
+                    and use_moe in (None, spec["use_moe"])), key=lambda p: p.name)
+    if hidden_size is None and len(found) == 1:
+        return found[0]
+    if hidden_size is None and found:
+        raise ModelLoadError(f"{folder} holds several {weight} weight files ({', '.join(p.name for p in found)}) "
+                             f"and none is hidden 512: pass --hidden_size (and --use_moe) to pick one")
+    others = ", ".join(p.name for p in list_weight_files(folder)) or "none"
+    raise ModelLoadError(f"weight file not found: {weight_path(folder, weight, hidden, bool(use_moe))} (weight "
+                         f"files in {folder}: {others}); download the published ones with `python "
+                         f"scripts/download.py`, train your own, or pick another with "
+                         f"--save_dir/--weight/--hidden_size/--use_moe")
+
+
+def read_native(args: argparse.Namespace) -> tuple[Path, VLMConfig, dict[str, torch.Tensor]]:
+    """(weight file, config with the file's sizes, state dict) for the add_model_args flags. Size flags
+    that were given must agree with the file; those left at None are filled in on `args` from it."""
+    path = choose_weight_file(args.save_dir, args.weight, args.hidden_size, args.use_moe)
+    try:
+        state = read_state_dict(path)
+        shape = infer_shape(state, path)
+        check_shape(shape, {k: getattr(args, k) for k in SHAPE_FLAGS}, path)
+    except WeightError as e:
+        raise ModelLoadError(str(e)) from None
+    for k in SHAPE_FLAGS:
+        setattr(args, k, int(shape[k]))
+    return path, VLMConfig(**shape), state
+
+
+# Everything our config.json may carry that our config classes take (the rest, e.g. auto_map, is ignored).
+CONFIG_KEYS = {*inspect.signature(MiniMindConfig.__init__).parameters, *inspect.signature(VLMConfig.__init__).parameters,
+               "tie_word_embeddings"} - {"self", "kwargs"}
+OWN_TYPES = (VLMConfig.model_type, MiniMindConfig.model_type)  # a MiniMind-V folder; a MiniMind (LM) folder
+
+
+def read_folder(folder: Path) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
+    """(config, our state dict) from a transformers folder, running none of its code: our own model type
+    (scripts/convert_vlm.py to_hf, or a MiniMind LM folder) is read directly, a LLaVA / Llama export with the
+    stock transformers classes. Anything else needs the folder's own code: ModelLoadError."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"--load_from {folder}: no transformers model folder there (no config.json; use "
+                             f"'model' for a .pth, or write a folder with scripts/convert_vlm.py)")
+    cfg = read_config(folder)
+    kind = cfg.get("model_type")
+    if kind in OWN_TYPES:
+        return VLMConfig(**{k: v for k, v in cfg.items() if k in CONFIG_KEYS}), read_state_dict(folder_weight_file(folder))
+    if kind in ("llava", "llama"):
+        return stock_state(folder, cfg)
+    if cfg.get("auto_map") or any(folder.glob("*.py")):
+        raise ModelLoadError(f"--load_from {folder}: model type {kind!r} needs the Python code shipped in the folder, "
+                             f"which runs only with --trust_remote_code: pass it if you trust the folder")
+    raise ModelLoadError(f"--load_from {folder}: a {kind!r} model, not MiniMind-V (its own folder, or a LLaVA / "
+                         f"Llama export of it from scripts/convert_vlm.py)")
+
+
+def load_folder(folder: Path, args: argparse.Namespace) -> MiniMindVLM:
+    """A MiniMindVLM (fp32, CPU) from a --load_from folder; the folder's own code runs only with
+    --trust_remote_code."""
+    wanted = {k: getattr(args, k, None) for k in SHAPE_FLAGS}
+    if getattr(args, "trust_remote_code", False):
+        log.warning("--trust_remote_code: transformers may run the Python code in %s", folder)
+        from transformers import AutoModelForCausalLM
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
+            raise ModelLoadError(f"--load_from {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+                from None
+        config = model.config
+    else:
+        try:
+            config, state = read_folder(folder)
+            model = MiniMindVLM(config)
+            load_state(model, state, folder)
+        except (WeightError, StockExportError) as e:
+            raise ModelLoadError(str(e)) from None
+    shape = {k: getattr(config, k, None) for k in SHAPE_FLAGS}
+    try:
+        check_shape({**shape, "n_routed_experts": getattr(config, "n_routed_experts", None)}, wanted, folder)
+    except WeightError as e:
+        raise ModelLoadError(str(e)) from None
+    for k in SHAPE_FLAGS:
+        if hasattr(args, k) and shape[k] is not None:
+            setattr(args, k, int(shape[k]))
+    return model
 
 
 def list_weight_files(save_dir: str | Path) -> list[Path]:
@@ -128,36 +244,25 @@ def _tokenizer(path: str | Path):
         raise ModelLoadError(
             f"no tokenizer at {path}: run `python scripts/download.py` for the published MiniMind tokenizer, "
             f"or pass --tokenizer_path model/tokenizer for the project's own")
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # never the folder's code, no y/N prompt
 
 
 def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
-    """(model in eval mode on args.device, tokenizer) as selected by the add_model_args flags."""
+    """(model in eval mode on args.device, tokenizer) as selected by the add_model_args flags. The size
+    flags left at None are filled in on `args` from the weights."""
     device = torch.device(args.device)
     dtype = pick_dtype(device, getattr(args, "dtype", "auto"))
     if args.load_from == "model":
-        path = native_weight_file(args)
-        if not path.is_file():
-            found = ", ".join(p.name for p in list_weight_files(args.save_dir)) or "none"
-            raise ModelLoadError(
-                f"weight file not found: {path} (weight files in {resolve(args.save_dir)}: {found}).\n"
-                f"  Download the published ones with `python scripts/download.py`, train your own, or pick "
-                f"another with --save_dir/--weight/--hidden_size/--use_moe.")
-        config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                           use_moe=bool(args.use_moe))
+        path, config, state = read_native(args)
         model = MiniMindVLM(config)
         try:
-            load_weights(model, path)
-        except RuntimeError as e:  # WeightMismatchError: wrong sizes for this file
+            load_state(model, state, path)
+        except WeightError as e:
             raise ModelLoadError(str(e)) from None
         tokenizer = _tokenizer(args.tokenizer_path)
     else:
         folder = resolve(args.load_from)
-        if not (folder / "config.json").exists():
-            raise ModelLoadError(f"--load_from {args.load_from}: no transformers model folder at {folder} "
-                                 f"(use 'model' for a .pth, or write a folder with scripts/convert_vlm.py)")
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32)
+        model = load_folder(folder, args)
         has_tok = (folder / "tokenizer.json").exists()
         tokenizer = _tokenizer(folder if has_tok else args.tokenizer_path)
     # The vision tower is attached separately: it is never part of a MiniMind-V checkpoint.

@@ -26,6 +26,7 @@ import torch
 
 from .model_minimind import YARN, MiniMindConfig
 from .model_vlm import PATCHES, VISION_DIM, VLMConfig
+from .weights import folder_weight_file
 
 IMAGE_TOKEN = "@"      # the placeholder character; its id (34) is LLaVA's image_token_index
 IMAGE_MARKER = "<image>"
@@ -317,3 +318,37 @@ def read_config(folder: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise StockExportError(f"cannot read {path}: {e}") from None
+
+
+def load_stock(folder: Path, cls_name: str) -> Any:
+    """A stock transformers model from `folder`, strictly: a missing, unexpected or misshapen tensor is an
+    error (from_pretrained alone would initialise missing ones at random and only warn). Stock classes
+    never run code from the folder."""
+    import transformers
+    cls = getattr(transformers, cls_name)
+    try:
+        model, info = cls.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise StockExportError(f"cannot load {folder} as a {cls_name}: {str(e).splitlines()[0]}") from None
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise StockExportError(f"{folder} does not hold a complete {cls_name}: " + "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}" for k, v in bad.items()))
+    return model
+
+
+def stock_state(folder: Path, cfg: dict) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
+    """(our config, our state dict) from a to_llava or to_llama folder (`cfg`: its config.json), loaded with the
+    stock classes. A Llama folder holds the LM alone: its state has no vision_proj (an LM-only state)."""
+    folder_weight_file(folder)  # a clear message when the weights are missing altogether
+    if cfg["model_type"] == "llava":
+        text_cfg = cfg.get("text_config") or {}
+        if text_cfg.get("model_type", "llama") not in ("llama", "qwen2_moe"):
+            raise StockExportError(f"{folder}: the LLaVA text model is a {text_cfg.get('model_type')}, not a "
+                                   f"Llama or Qwen2-MoE: not a MiniMind-V export")
+        config = minimind_config_from_llama(text_cfg, image_ids=[cfg.get("image_token_index", 34)] *
+                                            cfg.get("image_seq_length", 196))
+        return config, state_from_llava(load_stock(folder, "LlavaForConditionalGeneration"))
+    if cfg["model_type"] != "llama":
+        raise StockExportError(f"{folder}: a {cfg['model_type']!r} model, not a LLaVA or Llama export")
+    return minimind_config_from_llama(cfg), load_stock(folder, "LlamaForCausalLM").state_dict()

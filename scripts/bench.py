@@ -48,30 +48,36 @@ import torch
 import torch.nn.functional as F
 
 from model import PROJECT_TOKENIZER, ROOT, TINY_CLIP, resolve
+from model.argtypes import int_range, model_width, non_negative_int, positive_int, seed_int
+from model.model_vlm import PATCHES
 
 MODES = ("original", "padded", "packed", "packed_cached")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="train,decode", help="comma-separated: train, decode")
-    ap.add_argument("--hidden_size", type=int, default=512)
-    ap.add_argument("--num_hidden_layers", type=int, default=8)
-    ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--max_seq_len", type=int, default=640)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per mode")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--hidden_size", type=model_width, default=512)
+    ap.add_argument("--num_hidden_layers", type=positive_int, default=8)
+    ap.add_argument("--batch_size", type=positive_int, default=16)
+    ap.add_argument("--max_seq_len", type=int_range(PATCHES + 8), default=640, help="room for one image and some text")
+    ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per mode")
+    ap.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first")
     ap.add_argument("--clip", default=str(TINY_CLIP), help="vision encoder (default: the tiny random stand-in)")
     ap.add_argument("--data", default=None, help="caption data (default: synthetic captions, generated once)")
     ap.add_argument("--tokenizer_path", default=str(PROJECT_TOKENIZER))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench_results" / "bench.json"))
     decode = decode_module()
     if decode is not None and hasattr(decode, "add_arguments"):
         decode.add_arguments(ap)
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return get_parser().parse_args(argv)
 
 
 def decode_module():

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from model import RANDOM_CLIP, TINY_CLIP
+from model.argtypes import model_width, non_negative_int, positive_int
 from model.generate import generate
 from model.model_vlm import MiniMindVLM, VLMConfig
 
@@ -107,19 +108,19 @@ def bench_decode(args: argparse.Namespace) -> dict:
 
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The decode-only flags (scripts/bench.py adds these to its own, which cover the shared ones)."""
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--prompt_tokens", type=int, default=32, help="text tokens around the image slot")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating stock/ours runs (median reported)")
+    ap.add_argument("--new_tokens", type=positive_int, default=128)
+    ap.add_argument("--prompt_tokens", type=non_negative_int, default=32, help="text tokens around the image slot")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="alternating stock/ours runs (median reported)")
     return ap
 
 
 def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden_size", type=int, default=512)
-    ap.add_argument("--num_hidden_layers", type=int, default=8)
+    ap.add_argument("--hidden_size", type=model_width, default=512)
+    ap.add_argument("--num_hidden_layers", type=positive_int, default=8)
     ap.add_argument("--clip", action="store_true",
                     help=f"use the real CLIP geometry ({RANDOM_CLIP.name}, random) instead of the tiny stand-in")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="also write the result here")
     return add_arguments(ap)

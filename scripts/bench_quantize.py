@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from model import PROJECT_TOKENIZER, ROOT, TINY_CLIP
+from model.argtypes import model_width, non_negative_int, positive_int
 from model.engine import Engine, GenRequest
 from model.load import QUANTIZE, quantize
 
@@ -85,18 +86,22 @@ def answers(engine: Engine, path: Path) -> tuple[list[str], float]:
     return preds, correct / len(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden_size", type=int, default=512)
-    ap.add_argument("--num_hidden_layers", type=int, default=8)
-    ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hidden_size", type=model_width, default=512)
+    ap.add_argument("--num_hidden_layers", type=positive_int, default=8)
+    ap.add_argument("--new_tokens", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--answers", default=None, help="a weight file: also compare answers on --bench")
     ap.add_argument("--bench", default=str(ROOT / "dataset" / "synthetic" / "eval.parquet"))
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", default=str(ROOT / "bench_results" / "quantize.json"))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from scripts.make_tiny_clip import make_clip

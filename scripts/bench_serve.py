@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from model import PROJECT_TOKENIZER, RANDOM_CLIP, ROOT, TINY_CLIP
+from model.argtypes import model_width, non_negative_int, positive_int
 
 TEXT_PROMPTS = [
     "Tell me about the weather today.", "What is two plus two?", "Name a colour.", "Write one short sentence.",
@@ -152,23 +153,27 @@ def make_weights(folder: Path, hidden: int, layers: int) -> None:
                  weight_path(folder, "bench", hidden, False))
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--clients", type=positive_int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--workloads", nargs="+", default=["text", "image"], choices=["text", "image"])
-    ap.add_argument("--baseline_clients", type=int, nargs="+", default=None,
+    ap.add_argument("--baseline_clients", type=positive_int, nargs="+", default=None,
                     help="client counts for the one-at-a-time server (default: --clients; it is serial, so its "
                          "tokens/s hardly changes with the count)")
-    ap.add_argument("--max_tokens", type=int, default=128)
-    ap.add_argument("--hidden_size", type=int, default=512)
-    ap.add_argument("--num_hidden_layers", type=int, default=8)
+    ap.add_argument("--max_tokens", type=positive_int, default=128)
+    ap.add_argument("--hidden_size", type=model_width, default=512)
+    ap.add_argument("--num_hidden_layers", type=positive_int, default=8)
     ap.add_argument("--clip", choices=["tiny", "full"], default="tiny",
                     help="CLIP stand-in: tiny (1 layer) or full (ViT-B/16 geometry, 12 layers); both random")
-    ap.add_argument("--max_batch", type=int, default=64, help="the batched server's --max_batch")
-    ap.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
+    ap.add_argument("--max_batch", type=positive_int, default=64, help="the batched server's --max_batch")
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="the server's torch threads (0: torch's default)")
     ap.add_argument("--quantize", default=None, help="pass --quantize to both servers (e.g. int8)")
     ap.add_argument("--json", default=str(ROOT / "bench_results" / "serve.json"))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
 
     from scripts.make_tiny_clip import make_clip
     clip = make_clip(RANDOM_CLIP if args.clip == "full" else TINY_CLIP, full=args.clip == "full")

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from model import DEFAULT_TOKENIZER, PROJECT_TOKENIZER
-from model.load import ModelLoadError, add_model_args, native_weight_file
+from model.argtypes import non_negative_int, positive_int
+from model.load import ModelLoadError, add_model_args, read_native
 from model.weights import save_weights, weight_path
 
 CACHE = Path(os.environ.get("MINIMIND_CACHE", Path.home() / ".cache" / "minimind-v"))
@@ -160,8 +161,8 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from model.generate import generate
-    from model.model_vlm import MiniMindVLM, VLMConfig
-    from model.weights import load_weights
+    from model.model_vlm import MiniMindVLM
+    from model.weights import load_state
     from scripts.bench_decode import timed
     from scripts.convert_vlm import main as convert
 
@@ -170,10 +171,10 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="minimind-llamacpp-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.random_model:
-        src = random_lm(work, args.hidden_size, args.num_hidden_layers)
+        args.hidden_size, args.num_hidden_layers = args.hidden_size or 512, args.num_hidden_layers or 8
+        random_lm(work, args.hidden_size, args.num_hidden_layers)
         args.save_dir, args.weight, args.use_moe = str(work), "random_llm", 0
-    else:
-        src = native_weight_file(args)
+    src, config, state = read_native(args)  # the sizes come from the file (filled in on args)
     folder = work / "llama"
     flags = ["--save_dir", args.save_dir, "--weight", args.weight, "--hidden_size", str(args.hidden_size),
              "--num_hidden_layers", str(args.num_hidden_layers), "--use_moe", str(args.use_moe),
@@ -181,8 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     if convert(["to_llama", *flags]) != 0:
         raise CheckError("to_llama failed (see above)")
 
-    ours = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers))
-    load_weights(ours, src)
+    ours = MiniMindVLM(config)
+    load_state(ours, state, src)
     ours.eval()
     tok = AutoTokenizer.from_pretrained(str(folder))
     prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
@@ -241,24 +242,29 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     # The published tokenizer when downloaded (real weights need it), else the project's own.
     ap.set_defaults(tokenizer_path=str(DEFAULT_TOKENIZER if (DEFAULT_TOKENIZER / "tokenizer.json").exists()
                                        else PROJECT_TOKENIZER))
     ap.add_argument("--random_model", type=int, default=0, choices=[0, 1],
-                    help="1: a random LM of --hidden_size x --num_hidden_layers instead of a weight file")
+                    help="1: a random LM of --hidden_size x --num_hidden_layers (default 512 x 8) instead of a "
+                         "weight file")
     ap.add_argument("--llama_cpp_src", default=None, help="unpacked llama-cpp-python sdist or llama.cpp checkout")
     ap.add_argument("--work_dir", default=None, help="where the folder and GGUF files go (default: a new temp dir)")
     ap.add_argument("--outtypes", default="f32,f16,q8_0", help="GGUF types to write and check")
-    ap.add_argument("--new_tokens", type=int, default=32, help="greedy tokens compared per prompt")
-    ap.add_argument("--bench_tokens", type=int, default=128, help="decode tokens timed (0: no timing)")
+    ap.add_argument("--new_tokens", type=positive_int, default=32, help="greedy tokens compared per prompt")
+    ap.add_argument("--bench_tokens", type=non_negative_int, default=128, help="decode tokens timed (0: no timing)")
     ap.add_argument("--bench_types", default="f16,q8_0", help="GGUF types timed against ours")
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (median reported)")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", default=None, help="also write the result here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     try:
         result = run(args)
     except (CheckError, ModelLoadError, FileNotFoundError) as e:

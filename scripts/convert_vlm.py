@@ -10,11 +10,15 @@
     # any of the three folders -> .pth (written as {save_dir}/{weight}_{hidden}{_moe}.pth unless --out says otherwise)
     python scripts/convert_vlm.py to_pth --load_from out/MiniMind2-V --save_dir out --weight sft_vlm
 
-The folder loads offline with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
-and with `eval_vlm.py --load_from FOLDER`. Like the `.pth`, it holds no CLIP vision tower: the entry
-points attach it from `--vision_model_path`; in your own code pass `vision_model_path=clip_folder` to
-from_pretrained (or set `model.vision_encoder = load_vision_encoder(clip_folder)` afterwards). config.json names the
-expected encoder under `vision_model`, for reference only. The tied lm_head is saved once
+The model's sizes (hidden size, layers, MoE) are read from the weight file: --hidden_size / --use_moe only
+pick the file, and a size flag that disagrees with the file is an error.
+
+The folder loads with `eval_vlm.py --load_from FOLDER` (built from this repository's classes: none of the
+folder's code runs) and offline with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+Like the `.pth`, it holds no CLIP vision tower: the entry points attach it from `--vision_model_path`; in
+your own code pass `vision_model_path=clip_folder` to from_pretrained (or set `model.vision_encoder =
+load_vision_encoder(clip_folder)` afterwards). config.json names the expected encoder under `vision_model`,
+for reference only. The tied lm_head is saved once
 (transformers re-ties it on load); weights are saved in fp16 like the `.pth` files, so a round trip
 is exact.
 
@@ -33,33 +37,18 @@ from typing import Any
 import torch
 
 from model import resolve
-from model.load import ModelLoadError, add_model_args, native_weight_file
+from model.load import ModelLoadError, add_model_args, read_folder, read_native
 from model.model_minimind import MiniMindForCausalLM
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
-from model.stock_export import (
-    StockExportError,
-    build_llama,
-    build_llava,
-    build_processor,
-    check_dense,
-    check_moe,
-    minimind_config_from_llama,
-    read_config,
-    state_from_llava,
-)
-from model.weights import WeightMismatchError, load_state, load_weights, save_weights, weight_path
+from model.stock_export import StockExportError, build_llama, build_llava, build_processor, check_dense, check_moe
+from model.weights import PROJ_PREFIX, SHAPE_FLAGS, WeightError, check_shape, load_state, save_weights, weight_path
 
 log = logging.getLogger("minimind")
 CLIP_HUB_ID = "openai/clip-vit-base-patch16"
 
 
 def to_hf(args: argparse.Namespace) -> Path:
-    src = native_weight_file(args)
-    if not src.is_file():
-        raise ModelLoadError(f"weight file not found: {src} (download with `python scripts/download.py` or train one)")
-    config = flag_config(args)
-    model = MiniMindVLM(config)
-    load_weights(model, src)
+    src, config, model = load_native(args, "to_hf")
     config.vision_model = CLIP_HUB_ID  # informational: the tower is not in the folder
     # Registering makes save_pretrained copy model_vlm.py (+ its import model_minimind.py) and write auto_map.
     VLMConfig.register_for_auto_class()
@@ -76,24 +65,23 @@ def to_hf(args: argparse.Namespace) -> Path:
     return out
 
 
-def flag_config(args: argparse.Namespace) -> VLMConfig:
-    return VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                     use_moe=bool(args.use_moe), inference_rope_scaling=bool(args.inference_rope_scaling))
-
-
-def load_native(args: argparse.Namespace, direction: str) -> tuple[Path, VLMConfig, dict[str, torch.Tensor]]:
-    """(weight file, config, our state dict) for the model the flags select, strictly loaded."""
-    config = flag_config(args)
-    if direction == "to_llama":  # before reading anything: the message is the same for every MoE file
+def load_native(args: argparse.Namespace, direction: str) -> tuple[Path, VLMConfig, MiniMindVLM]:
+    """(weight file, config, strictly loaded model) for the file the flags select; its sizes come from the file."""
+    if direction == "to_llama" and args.use_moe:  # before reading anything: the same message for every MoE file
+        check_dense(VLMConfig(use_moe=True), direction)
+    src, config, state = read_native(args)
+    config.inference_rope_scaling = bool(args.inference_rope_scaling)
+    if direction == "to_llama":
         check_dense(config, direction)
-    check_moe(config)
-    src = native_weight_file(args)
-    if not src.is_file():
-        raise ModelLoadError(f"weight file not found: {src} (download with `python scripts/download.py` or train one; "
-                             f"--save_dir/--weight/--hidden_size/--use_moe pick the file)")
+    if direction != "to_hf":
+        check_moe(config)
     model = MiniMindVLM(config)
-    load_weights(model, src)
-    return src, config, {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
+    load_state(model, state, src)
+    return src, config, model
+
+
+def lm_and_proj_state(model: MiniMindVLM) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
 
 
 def prepare_out_dir(out_dir: str | None, src: Path, suffix: str) -> Path:
@@ -121,7 +109,8 @@ def selected_tokenizer(args: argparse.Namespace) -> Any:
 
 
 def to_llava(args: argparse.Namespace) -> Path:
-    src, config, state = load_native(args, "to_llava")
+    src, config, model = load_native(args, "to_llava")
+    state = lm_and_proj_state(model)
     try:
         encoder = load_vision_encoder(resolve(args.vision_model_path))
     except (FileNotFoundError, OSError, ValueError) as e:
@@ -138,7 +127,8 @@ def to_llava(args: argparse.Namespace) -> Path:
 
 
 def to_llama(args: argparse.Namespace) -> Path:
-    src, config, state = load_native(args, "to_llama")
+    src, config, model = load_native(args, "to_llama")
+    state = lm_and_proj_state(model)
     tokenizer = selected_tokenizer(args)
     model = build_llama(config, state)
     out = prepare_out_dir(args.out_dir, src, "-llama")
@@ -203,68 +193,18 @@ own `convert_hf_to_gguf.py` and checks the tokens against MiniMind's.
     return "\n".join(head) + body
 
 
-def folder_weight_file(folder: Path) -> Path:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).exists():
-            return folder / name
-    raise ModelLoadError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded folders are not supported)")
-
-
 def to_pth(args: argparse.Namespace) -> Path:
-    """Read config.json and the weights directly (no remote code runs), strictly load them into our
-    MiniMindVLM, and save the native fp16 file."""
+    """Read config.json and the weights without running any code from the folder (our own type directly, LLaVA /
+    Llama exports with the stock classes), strictly load them into our classes, and save the native fp16 file.
+    A Llama folder holds the LM alone: it becomes an LM-only file (like llm_512.pth), not a random projection."""
     folder = resolve(args.load_from)
     if args.load_from == "model" or not (folder / "config.json").exists():
         raise ModelLoadError(f"--load_from must name a transformers model folder (got {args.load_from!r})")
-    cfg = read_config(folder)
-    if cfg.get("model_type") in ("llava", "llama"):
-        return stock_to_pth(args, folder, cfg)
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-            "use_moe", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "rope_theta",
-            "max_position_embeddings", "intermediate_size", "rms_norm_eps")
-    config = VLMConfig(**{k: cfg[k] for k in keys if k in cfg})
-    model = MiniMindVLM(config)
-    load_weights(model, folder_weight_file(folder))  # strict; re-ties lm_head if only one side was saved
-    out = Path(args.out) if args.out else resolve(weight_path(args.save_dir, args.weight, config.hidden_size, config.use_moe))
-    save_weights(model, out)
-    print(f"wrote {out} from {folder}")
-    return out
-
-
-def load_stock(folder: Path, cls_name: str) -> Any:
-    """A stock transformers model from `folder`, strictly: a missing, unexpected or misshapen tensor is an
-    error (from_pretrained alone would initialise missing ones at random and only warn)."""
-    import transformers
-    cls = getattr(transformers, cls_name)
-    try:
-        model, info = cls.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise StockExportError(f"cannot load {folder} as a {cls_name}: {str(e).splitlines()[0]}") from None
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise StockExportError(f"{folder} does not hold a complete {cls_name}: " + "; ".join(
-            f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}" for k, v in bad.items()))
-    return model
-
-
-def stock_to_pth(args: argparse.Namespace, folder: Path, cfg: dict) -> Path:
-    """A to_llava / to_llama folder back to the native file, strictly loaded both ways."""
-    folder_weight_file(folder)  # a clear message when the weights are missing altogether
-    if cfg["model_type"] == "llava":
-        text_cfg = cfg.get("text_config") or {}
-        if text_cfg.get("model_type", "llama") not in ("llama", "qwen2_moe"):
-            raise StockExportError(f"{folder}: the LLaVA text model is a {text_cfg.get('model_type')}, not a "
-                                   f"Llama or Qwen2-MoE: not a MiniMind-V export")
-        config = minimind_config_from_llama(text_cfg, image_ids=[cfg.get("image_token_index", 34)] *
-                                            cfg.get("image_seq_length", 196))
-        state = state_from_llava(load_stock(folder, "LlavaForConditionalGeneration"))
-        model = MiniMindVLM(config)
-    else:
-        config = minimind_config_from_llama(cfg)
-        state = load_stock(folder, "LlamaForCausalLM").state_dict()
-        # A Llama folder holds the LM alone: write an LM-only file (like llm_512.pth), not a random projection.
-        model = MiniMindForCausalLM(config)
-    load_state(model, state, folder)
+    config, state = read_folder(folder)
+    check_shape({k: getattr(config, k) for k in SHAPE_FLAGS}, {k: getattr(args, k) for k in SHAPE_FLAGS}, folder)
+    lm_only = not any(k.startswith(PROJ_PREFIX) for k in state)
+    model = MiniMindForCausalLM(config) if lm_only else MiniMindVLM(config)
+    load_state(model, state, folder)  # strict; re-ties lm_head if only one side was saved
     out = Path(args.out) if args.out else resolve(weight_path(args.save_dir, args.weight, config.hidden_size,
                                                               config.use_moe))
     save_weights(model, out)
@@ -275,7 +215,7 @@ def stock_to_pth(args: argparse.Namespace, folder: Path, cfg: dict) -> Path:
 DIRECTIONS = {"to_hf": to_hf, "to_pth": to_pth, "to_llava": to_llava, "to_llama": to_llama}
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("direction", choices=list(DIRECTIONS))
     add_model_args(ap)
@@ -284,11 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out_dir", default=None, help="to_hf / to_llava / to_llama: output folder (default: the .pth "
                     "path without suffix, + '-llava' / '-llama')")
     ap.add_argument("--out", default=None, help="to_pth: output file (default: {save_dir}/{weight}_{hidden}.pth)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         DIRECTIONS[args.direction](args)
-    except (ModelLoadError, WeightMismatchError, StockExportError, OSError) as e:  # OSError: unreadable or unwritable files
+    except (ModelLoadError, WeightError, StockExportError, OSError) as e:  # OSError: unreadable or unwritable files
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

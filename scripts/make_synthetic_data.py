@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from model import resolve
+from model.argtypes import positive_int, seed_int
 
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
@@ -214,17 +215,21 @@ def corpus(seed: int = 0, n: int = 2000) -> list[str]:
     return texts + [w for c in CHOICES.values() for w in c]
 
 
-def main() -> None:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="dataset/synthetic")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n_pretrain", type=int, default=6000)
-    ap.add_argument("--n_sft", type=int, default=6000)
-    ap.add_argument("--n_eval", type=int, default=400)
+    ap.add_argument("--seed", type=seed_int, default=0)
+    ap.add_argument("--n_pretrain", type=positive_int, default=6000)
+    ap.add_argument("--n_sft", type=positive_int, default=6000)
+    ap.add_argument("--n_eval", type=positive_int, default=400)
     ap.add_argument("--eval_kinds", default=",".join(EVAL_KINDS),
                     help=f"question kinds in eval.parquet, comma-separated, from: {', '.join(QUESTIONS)}")
     ap.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
     paths = make_dataset(resolve(args.out), args.seed, args.n_pretrain, args.n_sft, args.n_eval, args.overwrite,
                          tuple(k.strip() for k in args.eval_kinds.split(",") if k.strip()))
     for split, p in paths.items():

@@ -16,6 +16,7 @@ import torch
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from model import RANDOM_CLIP, TINY_CLIP, resolve
+from model.argtypes import seed_int
 
 
 def clip_config(full: bool) -> CLIPVisionConfig:
@@ -69,14 +70,18 @@ def make_clip(out_dir: str | Path, full: bool = False, seed: int = 0, overwrite:
     return out_dir
 
 
-def main() -> None:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="real ViT-B/16 geometry (12 layers) instead of the tiny one")
     ap.add_argument("--out", default=None, help="output folder (default model/vision_model/clip-tiny-random "
                     "or clip-vit-base-patch16-random)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
     out = resolve(args.out) if args.out else (RANDOM_CLIP if args.full else TINY_CLIP)
     print(f"CLIP stand-in at {make_clip(out, args.full, args.seed, args.overwrite)}")
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from model import resolve
+from model.argtypes import positive_int
 
 
 def read_metrics(path: str | Path) -> tuple[list[float], list[float]]:
@@ -94,13 +95,17 @@ def plot(logs: list[Path], out: Path, labels: list[str] | None = None, window: i
     return out
 
 
-def main() -> None:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("logs", nargs="+", help="metrics .jsonl files, one panel each")
     ap.add_argument("-o", "--out", default="loss.png", help="output PNG")
     ap.add_argument("--labels", nargs="*", default=None, help="panel titles (default: file names)")
-    ap.add_argument("--window", type=int, default=10, help="moving-average window")
-    args = ap.parse_args()
+    ap.add_argument("--window", type=positive_int, default=10, help="moving-average window (1: none)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
     print(plot([resolve(p) for p in args.logs], Path(args.out), args.labels, args.window))
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from model import PROJECT_TOKENIZER, ROOT, TINY_CLIP, resolve
+from model.argtypes import seed_int
 
 # A small model and a short schedule that fit the synthetic task into 12-15 minutes on two CPU cores
 # (hidden 128 learns as much per step as 256 here, at about half the cost).
@@ -89,15 +90,19 @@ def table(real: dict, blank: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0, help="seed of both training runs (model init and data order); "
+    ap.add_argument("--seed", type=seed_int, default=0, help="seed of both training runs (model init and data order); "
                     "the synthetic task itself is always seed 0, so every seed is scored on the same questions")
     ap.add_argument("--out", default=None, help="weights, logs, scores and the loss plot "
                     "(default: out/quickstart, or out/quickstart_seedN for --seed N > 0)")
     ap.add_argument("--data", default="dataset/synthetic", help="where the synthetic task is written")
     ap.add_argument("--force", action="store_true", help="redo every step even if its output exists")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
     out_dir = resolve(args.out or ("out/quickstart" if args.seed == 0 else f"out/quickstart_seed{args.seed}"))
     data_dir = resolve(args.data)
     out_dir.mkdir(parents=True, exist_ok=True)

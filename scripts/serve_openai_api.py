@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model.argtypes import int_range, non_negative_int, positive_float, positive_int
 from model.chat import IMAGE_MARKER, ChatInputError, check_text, encode_chat, open_image
 from model.engine import DEFAULT_MAX_CONTEXT, Engine, EngineBusy, EngineClosed, GenRequest, Handle
 from model.load import ModelLoadError, add_model_args, add_serve_args, load_model
@@ -405,18 +406,19 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $MINIMIND_API_KEY; unset = no key)")
     g = ap.add_argument_group("engine")
-    g.add_argument("--max_batch", type=int, default=16, help="rows decoded together (1 = one request at a time)")
-    g.add_argument("--max_queue", type=int, default=64, help="requests that may wait; more get 503")
-    g.add_argument("--max_context", type=int, default=DEFAULT_MAX_CONTEXT, help="prompt + answer tokens per request")
-    g.add_argument("--max_connections", type=int, default=512, help="open connections (uvicorn; more get 503)")
+    g.add_argument("--max_batch", type=positive_int, default=16, help="rows decoded together (1 = one request at a time)")
+    g.add_argument("--max_queue", type=non_negative_int, default=64, help="requests that may wait; more get 503")
+    g.add_argument("--max_context", type=int_range(2), default=DEFAULT_MAX_CONTEXT,
+                   help="prompt + answer tokens per request")
+    g.add_argument("--max_connections", type=positive_int, default=512, help="open connections (uvicorn; more get 503)")
     g = ap.add_argument_group("limits")
     d = Limits()
-    g.add_argument("--max_body_mb", type=float, default=d.max_body_mb)
-    g.add_argument("--max_images", type=int, default=d.max_images, help="images per request")
-    g.add_argument("--max_image_mb", type=float, default=d.max_image_mb, help="encoded bytes per image")
-    g.add_argument("--max_image_pixels", type=int, default=d.max_image_pixels, help="width x height per image")
-    g.add_argument("--max_n", type=int, default=d.max_n, help="choices per request (n)")
-    g.add_argument("--default_max_tokens", type=int, default=d.default_max_tokens,
+    g.add_argument("--max_body_mb", type=positive_float, default=d.max_body_mb)
+    g.add_argument("--max_images", type=non_negative_int, default=d.max_images, help="images per request (0: text only)")
+    g.add_argument("--max_image_mb", type=positive_float, default=d.max_image_mb, help="encoded bytes per image")
+    g.add_argument("--max_image_pixels", type=positive_int, default=d.max_image_pixels, help="width x height per image")
+    g.add_argument("--max_n", type=positive_int, default=d.max_n, help="choices per request (n)")
+    g.add_argument("--default_max_tokens", type=positive_int, default=d.default_max_tokens,
                    help="new tokens when a request sets no max_tokens")
     return ap
 

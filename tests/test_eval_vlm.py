@@ -159,3 +159,33 @@ def test_bench_public_layouts_end_to_end(flags, tmp_path, capsys):
         assert lines[0].startswith(f"{fmt} {path}: 3 item(s) scored, 0 skipped")
     assert eval_vlm.main(flags + ["--bench", str(tmp_path / "mmstar.parquet"), "--bench_format", "pope"]) == 2
     assert "--bench_format pope needs columns ['question_id']" in capsys.readouterr().err
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (valid CRCs, almost no pixel data): refused before decoding."""
+    import struct
+    import zlib
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+
+
+def test_image_dir_skips_bad_files_and_counts_them(flags, tmp_path, capsys):
+    (tmp_path / "a_good.png").write_bytes(png_bytes())
+    (tmp_path / "b_text.png").write_text("not an image at all")
+    (tmp_path / "c_truncated.png").write_bytes(png_bytes(size=(200, 150))[:60])
+    (tmp_path / "d_huge.png").write_bytes(huge_png_header(20000, 20000))
+    (tmp_path / "e_good.jpg").write_bytes(png_bytes((10, 200, 10)))  # any decodable content counts
+    assert eval_vlm.main(flags + ["--image_dir", str(tmp_path), "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "[image] a_good.png" in out and "[image] e_good.jpg" in out and out.count("tokens/s") == 2
+    skipped = [line for line in err.splitlines() if line.startswith("[skipped]")]
+    assert len(skipped) == 3
+    assert "b_text.png is not an image" in skipped[0] and "c_truncated.png" in skipped[1]
+    assert "d_huge.png is too large" in skipped[2]
+    assert out.strip().splitlines()[-1] == "2 image(s) answered, 3 skipped"
+    for name in ("a_good.png", "e_good.jpg"):
+        (tmp_path / name).unlink()
+    assert eval_vlm.main(flags + ["--image_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: no image in {tmp_path} could be read (3 skipped)"
