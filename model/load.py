@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from . import DEFAULT_CLIP, DEFAULT_TOKENIZER, resolve
-from .model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
+from .model_vlm import MiniMindVLM, VLMConfig
+from .processor import TokenizerNotFoundError, load_tokenizer, vision_geometry
 from .weights import load_weights, weight_path
 
 log = logging.getLogger("minimind")
@@ -34,7 +35,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--hidden_size", type=int, default=512)
     g.add_argument("--num_hidden_layers", type=int, default=8)
     g.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
-    g.add_argument("--vision_model_path", default=str(DEFAULT_CLIP), help="CLIP ViT-B/16 folder")
+    g.add_argument("--vision_model_path", default=str(DEFAULT_CLIP),
+                   help="vision tower folder (the published models use CLIP ViT-B/16)")
     g.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER),
                    help="tokenizer folder (for a transformers folder its own tokenizer is used when present)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -122,13 +124,10 @@ def parse_weight_name(path: str | Path) -> dict:
 
 
 def _tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-    path = resolve(path)
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
-        raise ModelLoadError(
-            f"no tokenizer at {path}: run `python scripts/download.py` for the published MiniMind tokenizer, "
-            f"or pass --tokenizer_path model/tokenizer for the project's own")
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return load_tokenizer(resolve(path))
+    except TokenizerNotFoundError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
@@ -143,8 +142,12 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
                 f"weight file not found: {path} (weight files in {resolve(args.save_dir)}: {found}).\n"
                 f"  Download the published ones with `python scripts/download.py`, train your own, or pick "
                 f"another with --save_dir/--weight/--hidden_size/--use_moe.")
+        try:  # a .pth has no config: the image geometry is the vision tower's own
+            geometry = vision_geometry(resolve(args.vision_model_path))
+        except FileNotFoundError as e:  # its message says which script downloads / makes one
+            raise ModelLoadError(str(e)) from None
         config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                           use_moe=bool(args.use_moe))
+                           use_moe=bool(args.use_moe), **geometry)
         model = MiniMindVLM(config)
         try:
             load_weights(model, path)
@@ -162,8 +165,8 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
         tokenizer = _tokenizer(folder if has_tok else args.tokenizer_path)
     # The vision tower is attached separately: it is never part of a MiniMind-V checkpoint.
     try:
-        model.vision_encoder = load_vision_encoder(resolve(args.vision_model_path))
-    except FileNotFoundError as e:  # its message says which script downloads / makes one
+        model.attach_vision_encoder(resolve(args.vision_model_path))
+    except (FileNotFoundError, ValueError) as e:  # a missing tower says how to get one; a misfit, what differs
         raise ModelLoadError(str(e)) from None
     model = model.to(device=device, dtype=dtype).eval()
     method = getattr(args, "quantize", "none")

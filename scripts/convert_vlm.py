@@ -11,12 +11,15 @@
     python scripts/convert_vlm.py to_pth --load_from out/MiniMind2-V --save_dir out --weight sft_vlm
 
 The folder loads offline with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
-and with `eval_vlm.py --load_from FOLDER`. Like the `.pth`, it holds no CLIP vision tower: the entry
+and with `eval_vlm.py --load_from FOLDER`; `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`
+gives its MiniMindVLMProcessor (tokenizer + image preprocessing + `<image>` expansion; the tokenizer
+alone loads with the stock AutoTokenizer). Like the `.pth`, it holds no vision tower: the entry
 points attach it from `--vision_model_path`; in your own code pass `vision_model_path=clip_folder` to
-from_pretrained (or set `model.vision_encoder = load_vision_encoder(clip_folder)` afterwards). config.json names the
-expected encoder under `vision_model`, for reference only. The tied lm_head is saved once
-(transformers re-ties it on load); weights are saved in fp16 like the `.pth` files, so a round trip
-is exact.
+from_pretrained (or call `model.attach_vision_encoder(clip_folder)` afterwards). config.json holds the
+image geometry the tower must have and names the expected encoder under `vision_model`, for reference.
+The tied lm_head is saved once (transformers re-ties it on load); weights are saved in fp16 like the
+`.pth` files, so a round trip is exact. The image geometry of a `.pth` (which has no config) is read
+from `--vision_model_path` when that folder exists, else the published one (CLIP ViT-B/16 at 224 px).
 
 to_llava and to_llama folders load with the stock classes (`LlavaForConditionalGeneration`,
 `AutoProcessor`, `LlamaForCausalLM`) and no trust_remote_code; see model/stock_export.py for why they
@@ -36,6 +39,14 @@ from model import resolve
 from model.load import ModelLoadError, add_model_args, native_weight_file
 from model.model_minimind import MiniMindForCausalLM
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
+from model.processor import (
+    MiniMindVLMImageProcessor,
+    MiniMindVLMProcessor,
+    TokenizerNotFoundError,
+    geometry_of,
+    load_tokenizer,
+    vision_geometry,
+)
 from model.stock_export import (
     StockExportError,
     build_llama,
@@ -61,24 +72,28 @@ def to_hf(args: argparse.Namespace) -> Path:
     model = MiniMindVLM(config)
     load_weights(model, src)
     config.vision_model = CLIP_HUB_ID  # informational: the tower is not in the folder
-    # Registering makes save_pretrained copy model_vlm.py (+ its import model_minimind.py) and write auto_map.
+    # Registering makes save_pretrained copy model_vlm.py (+ its imports model_minimind.py, processor.py)
+    # and write auto_map; the processor's own auto_map points at processor.py.
     VLMConfig.register_for_auto_class()
     MiniMindVLM.register_for_auto_class("AutoModelForCausalLM")
+    MiniMindVLMProcessor.register_for_auto_class("AutoProcessor")
+    MiniMindVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
     out = resolve(args.out_dir) if args.out_dir else src.with_suffix("")
     model.to(torch.float16).save_pretrained(str(out))
-    tok_dir = resolve(args.tokenizer_path)
-    if (tok_dir / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(out))
-    else:
-        log.warning("no tokenizer at %s: the folder has none (pass --tokenizer_path when loading it)", tok_dir)
+    try:
+        MiniMindVLMProcessor.from_config(config, load_tokenizer(resolve(args.tokenizer_path))).save_pretrained(str(out))
+    except TokenizerNotFoundError as e:
+        log.warning("%s; the folder has no tokenizer or processor (pass --tokenizer_path when loading it)", e)
     print(f"wrote {out} from {src}")
     return out
 
 
 def flag_config(args: argparse.Namespace) -> VLMConfig:
+    """The config the flags select; the image geometry is --vision_model_path's when that folder exists."""
+    tower = resolve(args.vision_model_path)
+    geometry = vision_geometry(tower) if (tower / "config.json").is_file() else {}
     return VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                     use_moe=bool(args.use_moe), inference_rope_scaling=bool(args.inference_rope_scaling))
+                     use_moe=bool(args.use_moe), inference_rope_scaling=bool(args.inference_rope_scaling), **geometry)
 
 
 def load_native(args: argparse.Namespace, direction: str) -> tuple[Path, VLMConfig, dict[str, torch.Tensor]]:
@@ -112,12 +127,10 @@ def prepare_out_dir(out_dir: str | None, src: Path, suffix: str) -> Path:
 
 def selected_tokenizer(args: argparse.Namespace) -> Any:
     """The --tokenizer_path tokenizer, or a one-line error saying where to get one."""
-    from transformers import AutoTokenizer
-    tok_dir = resolve(args.tokenizer_path)
-    if not (tok_dir / "tokenizer.json").exists():
-        raise ModelLoadError(f"no tokenizer at {tok_dir}: pass --tokenizer_path (model/tokenizer is the project's "
-                             f"own; `python scripts/download.py tokenizer` fetches the published one)")
-    return AutoTokenizer.from_pretrained(str(tok_dir))
+    try:
+        return load_tokenizer(resolve(args.tokenizer_path))
+    except TokenizerNotFoundError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def to_llava(args: argparse.Namespace) -> Path:
@@ -127,7 +140,7 @@ def to_llava(args: argparse.Namespace) -> Path:
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ModelLoadError(f"--vision_model_path: {e}") from None
     tokenizer = selected_tokenizer(args)
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, config)
     model = build_llava(config, state, encoder)
     out = prepare_out_dir(args.out_dir, src, "-llava")
     model.save_pretrained(str(out))
@@ -176,9 +189,10 @@ out = model.generate(**inputs, max_new_tokens=100, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-Images: each image becomes 196 tokens of id 34 (the character `@`). In the chat template, `<image>` in text or
-an `{{"type": "image"}}` item marks an image; in raw text given to the processor, `@` is the marker. So a prompt
-with images cannot contain `@` as ordinary text (the processor and the model would count it as an image token).
+Images: each image becomes {len(config.image_ids)} tokens of id {config.image_token_id} (the character `@`).
+In the chat template, `<image>` in text or an `{{"type": "image"}}` item marks an image; in raw text given to
+the processor, `@` is the marker. So a prompt with images cannot contain `@` as ordinary text (the processor
+and the model would count it as an image token).
 """
     else:
         body = f"""# MiniMind ({size}) as a stock Llama model
@@ -221,7 +235,8 @@ def to_pth(args: argparse.Namespace) -> Path:
         return stock_to_pth(args, folder, cfg)
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
             "use_moe", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "rope_theta",
-            "max_position_embeddings", "intermediate_size", "rms_norm_eps")
+            "max_position_embeddings", "intermediate_size", "rms_norm_eps", "image_size", "patch_size",
+            "vision_hidden_size", "image_token_id", "image_mean", "image_std", "image_ids")
     config = VLMConfig(**{k: cfg[k] for k in keys if k in cfg})
     model = MiniMindVLM(config)
     load_weights(model, folder_weight_file(folder))  # strict; re-ties lm_head if only one side was saved
@@ -255,9 +270,10 @@ def stock_to_pth(args: argparse.Namespace, folder: Path, cfg: dict) -> Path:
         if text_cfg.get("model_type", "llama") not in ("llama", "qwen2_moe"):
             raise StockExportError(f"{folder}: the LLaVA text model is a {text_cfg.get('model_type')}, not a "
                                    f"Llama or Qwen2-MoE: not a MiniMind-V export")
-        config = minimind_config_from_llama(text_cfg, image_ids=[cfg.get("image_token_index", 34)] *
-                                            cfg.get("image_seq_length", 196))
-        state = state_from_llava(load_stock(folder, "LlavaForConditionalGeneration"))
+        llava = load_stock(folder, "LlavaForConditionalGeneration")
+        config = minimind_config_from_llama(text_cfg, image_token_id=llava.config.image_token_index,
+                                            **geometry_of(llava.config.vision_config))
+        state = state_from_llava(llava)
         model = MiniMindVLM(config)
     else:
         config = minimind_config_from_llama(cfg)

@@ -88,7 +88,9 @@ def test_multi_image_rows_with_spare_images(model):
     two, one = prompt(6, 12, n_images=2), prompt(7, 12, n_images=1)
     px = torch.cat([pixels(6, 2), torch.cat([pixels(7), torch.zeros(1, 1, 3, 224, 224)], dim=1)])
     ids, mask = left_pad([two, one])
-    batched = generate(model, ids, mask, px, max_new_tokens=6, eos_token_id=None)
+    with pytest.raises(ValueError, match="sample 1 has 1 image slot"):  # the zero padding is no image
+        generate(model, ids, mask, px, max_new_tokens=6, eos_token_id=None)
+    batched = generate(model, ids, mask, px, max_new_tokens=6, eos_token_id=None, num_images=torch.tensor([2, 1]))
     assert torch.equal(batched[0], generate(model, two, pixel_values=px[:1], max_new_tokens=6, eos_token_id=None)[0])
     assert torch.equal(batched[1], generate(model, one, pixel_values=px[1:, :1], max_new_tokens=6, eos_token_id=None)[0])
 
