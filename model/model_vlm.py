@@ -1,6 +1,6 @@
 """MiniMind-V: MiniMind plus a frozen vision tower (CLIP ViT-B/16 as published) and one linear projection.
 
-    image [B, N, 3, S, S]                                  S = config.image_size (224 published)
+    image [B, N, 3, S, S]                                  S = config.image_size
       -> vision transformer (frozen, no grad), its last P hidden states    [B*N, P, W]
          (P = config patches, (S / patch_size)^2; W = config.vision_hidden_size; a leading CLS is dropped)
       -> VisionProj: Linear(W, H)                                          [B, N, P, H]

@@ -133,12 +133,13 @@ def test_llava_generate_gives_our_tokens(exported):
 
 
 def test_llava_chat_template_matches_the_tokenizer(exported):
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
 
     from model import PROJECT_TOKENIZER
+    from model.processor import load_tokenizer
     d = exported[0] / "llava"
     processor = AutoProcessor.from_pretrained(str(d))
-    tok = AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER))
+    tok = load_tokenizer(PROJECT_TOKENIZER)
     for messages, _ in CHATS.values():
         plain = [{**m, "content": m["content"].replace("<image>", "@")} for m in messages]
         assert processor.apply_chat_template(messages, add_generation_prompt=True) == \

@@ -144,8 +144,8 @@ def test_fast_sampling_reproducible_and_num_return_sequences(model):
 
 
 def test_stream_text_pieces_join_to_the_decoded_answer(model, fixture_tokenizer_path):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    from model.processor import load_tokenizer
+    tok = load_tokenizer(fixture_tokenizer_path)
     ids, px = prompt(11, 20), pixels(11)
     stats = {}
     pieces = list(stream_text(model, tok, ids, px, max_new_tokens=30, stats=stats))
@@ -158,7 +158,9 @@ def test_stream_text_pieces_join_to_the_decoded_answer(model, fixture_tokenizer_
 # ----------------------------------------------------- transformers' stock generate with this model
 
 def test_hf_generate_encodes_images_once_and_supports_sampling_streaming(model, fixture_tokenizer_path):
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
+
+    from model.processor import load_tokenizer
     ids, px = prompt(12, 10), pixels(12)
     calls = []
     forward = model.vision_encoder.forward
@@ -172,7 +174,7 @@ def test_hf_generate_encodes_images_once_and_supports_sampling_streaming(model, 
         model.vision_encoder.forward = forward
     assert out.shape[0] == 2 and len(calls) == 1  # pixel_values dropped after prefill by transformers
 
-    tok = AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    tok = load_tokenizer(fixture_tokenizer_path)
 
     class Capture(TextStreamer):
         text = ""

@@ -1,11 +1,11 @@
 """The VLM: vision tower loading, the image splice, strict weight files, the tokenizer layout."""
 import pytest
 import torch
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.processor import DEFAULT_PATCHES as PATCHES
-from model.processor import image_slots
+from model.processor import image_slots, load_tokenizer
 from model.weights import WeightMismatchError, export_state_dict, load_weights, save_weights, weight_path
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -242,7 +242,7 @@ def test_safetensors_and_ddp_prefixed_files_load(vlm, tmp_path):
 
 
 def test_published_tokenizer_layout(fixture_tokenizer_path):
-    tok = AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    tok = load_tokenizer(fixture_tokenizer_path)
     cfg = VLMConfig()
     assert tok.convert_tokens_to_ids("@") == AT
     assert tok(cfg.image_special_token, add_special_tokens=False)["input_ids"] == cfg.image_ids == [AT] * PATCHES
