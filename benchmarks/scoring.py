@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from model.chat import build_batch
 from model.generate import generate
-from model.processor import MiniMindVLMProcessor, pad_images
+from model.processor import MiniMindVLMProcessor
 
 from .readers import Item
 
@@ -34,9 +34,7 @@ def blank_image(size: int) -> Any:
 def encode(model: Any, processor: MiniMindVLMProcessor, images: list[list[Any]]) -> torch.Tensor | None:
     """Vision features [B, Nmax, P, W] of each item's PIL images (zeros in unused places), one encoder
     call for the chunk; None when no item has an image."""
-    ip = processor.image_processor
-    pixel_values, num_images = pad_images([torch.stack([ip.pixels(im) for im in imgs]) if imgs else ip.empty()
-                                           for imgs in images])
+    pixel_values, num_images = processor.image_processor.batch(images)
     if pixel_values is None:
         return None
     return model.encode_images(pixel_values.to(model.dtype), num_images)

@@ -197,7 +197,7 @@ class VLMDataset(Dataset):
             except ImageError as e:
                 hint = " (check --images_path)" if e.kind == "missing" else ""
                 raise BadRow(IMAGE_KINDS[e.kind], f"{e}{hint}") from None
-        return torch.stack(tensors) if tensors else self.processor.image_processor.empty()
+        return torch.stack(tensors) if tensors else self.processor.image_processor.stack([])
 
     def load(self, i: int) -> dict:
         """Row i as an item; raises BadRow."""

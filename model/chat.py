@@ -26,7 +26,6 @@ from .processor import (
     count_markers,
     count_slots,
     decode_image,
-    pad_images,
 )
 
 # The published scripts' default image-description prompt.
@@ -105,9 +104,7 @@ def build_batch(processor: MiniMindVLMProcessor, conversations: list[list[dict]]
     texts = [processor.render(m, add_generation_prompt=True) for m in conversations]
     enc = processor.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, padding_side="left",
                               add_special_tokens=False)
-    ip = processor.image_processor
-    pixel_values, num_images = pad_images([torch.stack([ip.pixels(im) for im in imgs]) if imgs else ip.empty()
-                                           for imgs in images])
+    pixel_values, num_images = processor.image_processor.batch(images)
     return enc["input_ids"], enc["attention_mask"], pixel_values, num_images
 
 

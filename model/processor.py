@@ -222,15 +222,19 @@ class MiniMindVLMImageProcessor(BaseImageProcessor):
         a = (a - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
-    def empty(self) -> torch.Tensor:
-        """No images: FloatTensor [0, 3, S, S]."""
-        return torch.zeros(0, 3, self.image_size, self.image_size)
+    def stack(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> FloatTensor [N, 3, S, S] (N may be 0)."""
+        if not images:
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        return torch.stack([self.pixels(im, f"image {i}") for i, im in enumerate(images)])
+
+    def batch(self, per_sample: Sequence[Sequence[Image.Image]]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Each sample's PIL images -> (pixel_values [B, Nmax, 3, S, S] zero-padded or None, num_images [B])."""
+        return pad_images([self.stack(imgs) for imgs in per_sample])
 
     def preprocess(self, images: Any, return_tensors: Any = None, **kwargs: Any) -> BatchFeature:
         """A PIL image or a (nested) list of them -> {"pixel_values": FloatTensor [N, 3, S, S]}."""
-        flat = flatten_images(images)
-        return BatchFeature({"pixel_values": torch.stack([self.pixels(im, f"image {i}") for i, im in enumerate(flat)])
-                             if flat else self.empty()})
+        return BatchFeature({"pixel_values": self.stack(flatten_images(images))})
 
 
 def flatten_images(images: Any) -> list:
@@ -421,8 +425,7 @@ class MiniMindVLMProcessor(ProcessorMixin):
                              **kwargs)
         data = dict(enc)
         if flat:
-            pixels = self.image_processor(flat)["pixel_values"]
             bounds = np.cumsum([0, *counts])
-            data["pixel_values"], data["num_images"] = pad_images(
-                [pixels[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+            data["pixel_values"], data["num_images"] = self.image_processor.batch(
+                [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
         return BatchFeature(data, tensor_type=return_tensors)
