@@ -181,7 +181,10 @@ class VLMDataset(Dataset):
     def image_file(self, name: str) -> Path:
         """A JSONL image name -> its file, which must lie inside the image folder (symlinks resolved)."""
         root = self.image_root.resolve()
-        path = (root / name).resolve()
+        try:
+            path = (root / name).resolve()
+        except (OSError, ValueError):  # e.g. a NUL character in the name
+            raise BadRow("image_path", f"image {name!r} is not a usable file name") from None
         if not path.is_relative_to(root):
             raise BadRow("image_path", f"image {name!r} is outside the image folder {self.image_root}")
         return path

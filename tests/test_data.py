@@ -319,17 +319,17 @@ def test_jsonl_image_paths_stay_inside_the_image_folder(tok, tmp_path, caplog):
     outside.write_bytes(png())
     (imgs / "link.png").symlink_to(outside)
     (imgs / "inner_link.png").symlink_to(imgs / "a.png")  # a link that stays inside is fine
-    names = ["../outside.png", str(outside), "link.png", "/etc/passwd", "sub/../../outside.png",
+    names = ["../outside.png", str(outside), "link.png", "/etc/passwd", "sub/../../outside.png", "a\x00.png",
              "a.png", "sub/b.png", "inner_link.png"]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"conversations": conv("<image>\nq", "a"), "image": n}) + "\n" for n in names))
     ds = VLMDataset(path, tok, image_root=imgs)
     with caplog.at_level(logging.WARNING, logger="minimind.data"):
         item = ds[0]
-    assert item["index"] == 5 and item["skipped"] == [(i, "image_path") for i in range(5)]
+    assert item["index"] == 6 and item["skipped"] == [(i, "image_path") for i in range(6)]
     assert f"{path} row 3: skipped (image_path): image '/etc/passwd' is outside the image folder" in caplog.text
     assert "row 0: skipped (image_path): image '../outside.png'" in caplog.text
-    assert ds[6]["index"] == 6 and ds[7]["index"] == 7 and not ds[7]["skipped"]
+    assert ds[7]["index"] == 7 and ds[8]["index"] == 8 and not ds[8]["skipped"]
 
 
 def test_parquet_binary_and_list_columns_agree(tok, tmp_path):
