@@ -24,7 +24,7 @@ from pathlib import Path
 import gradio as gr
 
 from model.argtypes import positive_int
-from model.chat import MAX_IMAGES, ChatInputError, encode_chat, open_image, with_image_markers
+from model.chat import MAX_IMAGES, ChatInputError, encode_chat, image_tensor, with_image_markers
 from model.engine import Engine, EngineBusy, GenRequest, Handle
 from model.load import ModelLoadError, add_model_args, add_serve_args, list_weight_files, load_model, parse_weight_name
 
@@ -155,8 +155,7 @@ def build_demo(holder: ModelHolder) -> gr.Blocks:
 
         def prepare(engine: Engine, state: dict, question: str, paths: list[str]):
             """Decode and check the new images, then the whole chat (runs in a worker thread)."""
-            from dataset.image_processing import preprocess_image
-            images = [preprocess_image(open_image(f, Path(f).name)) for f in paths]  # names only, never paths
+            images = [image_tensor(engine.processor, f, Path(f).name) for f in paths]  # names only, never paths
             messages = state["messages"] + [{"role": "user", "content": with_image_markers(question, len(images))}]
             ids, pixels = encode_chat(engine, messages, state["images"] + images)
             return images, messages, ids, pixels

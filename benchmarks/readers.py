@@ -291,7 +291,8 @@ def _mmbench(r: dict, where: str, chinese: bool) -> Item:
 
 def _qa(r: dict, where: str, answer_sets: dict[str, list[str]], rivals: dict[str, frozenset]) -> Item:
     from dataset.lm_dataset import BadRow as DataBadRow
-    from dataset.lm_dataset import count_markers, parse_conversation
+    from dataset.lm_dataset import parse_conversation
+    from model.processor import count_markers
     try:
         conv = parse_conversation(r["conversations"])
     except DataBadRow as e:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model.chat import ChatInputError, check_conversation, open_image
+from model.processor import MiniMindVLMProcessor
 
 from .extract import RULES, judge
 from .readers import LAYOUTS, Item, Skipped, bench_files, detect_format, iter_items
@@ -46,31 +47,32 @@ def _option_answer(fmt: str, item: Item, pick: int) -> str:
 
 
 class _BlankFeatures:
-    """CLIP features of the grey image, computed once: every blanked image shares them."""
+    """Vision features of the grey image, computed once: every blanked image shares them."""
 
-    def __init__(self, model: Any):
-        self.model, self.one = model, None
+    def __init__(self, model: Any, processor: MiniMindVLMProcessor):
+        self.model, self.processor, self.one = model, processor, None
 
     def __call__(self, counts: list[int]) -> torch.Tensor | None:
         if not max(counts, default=0):
             return None
         if self.one is None:
-            self.one = encode(self.model, [[blank_image()]])[0, 0]
+            self.one = encode(self.model, self.processor, [[blank_image(self.processor.image_processor.image_size)]])[0, 0]
         out = self.one.new_zeros(len(counts), max(counts), *self.one.shape)
         for i, n in enumerate(counts):
             out[i, :n] = self.one
         return out
 
 
-def _score_chunk(model: Any, tokenizer: Any, fmt: str, items: list[Item], images: list[list], passes: tuple[str, ...],
-                 methods: str, max_new_tokens: int, blank: _BlankFeatures) -> list[dict]:
+def _score_chunk(model: Any, processor: MiniMindVLMProcessor, fmt: str, items: list[Item], images: list[list],
+                 passes: tuple[str, ...], methods: str, max_new_tokens: int, blank: _BlankFeatures) -> list[dict]:
     records = [{"uid": it.uid, "row": it.source, "labels": it.labels, "reference": it.reference,
                 "chance": it.chance, "options": it.options, "letters": it.letters} for it in items]
     for pass_ in passes:
-        pil = images if pass_ == "images" else [[blank_image()] * len(x) for x in images]
+        grey = blank_image(processor.image_processor.image_size)
+        pil = images if pass_ == "images" else [[grey] * len(x) for x in images]
         if methods in ("both", "loglik"):
-            feats = encode(model, pil) if pass_ == "images" else blank([len(x) for x in images])
-            for rec, it, ll in zip(records, items, loglik_chunk(model, tokenizer, items, feats)):
+            feats = encode(model, processor, pil) if pass_ == "images" else blank([len(x) for x in images])
+            for rec, it, ll in zip(records, items, loglik_chunk(model, processor, items, feats)):
                 if ll is not None:
                     for rule in ("sum", "mean"):
                         pick = ll[f"pick_{rule}"]
@@ -78,7 +80,7 @@ def _score_chunk(model: Any, tokenizer: Any, fmt: str, items: list[Item], images
                         ll[f"correct_{rule}"] = pick == it.answer
                 rec.setdefault(pass_, {})["loglik"] = ll
         if methods in ("both", "generate"):
-            for rec, it, text in zip(records, items, generate_chunk(model, tokenizer, items, pil, max_new_tokens)):
+            for rec, it, text in zip(records, items, generate_chunk(model, processor, items, pil, max_new_tokens)):
                 answer, right = judge(fmt, text, it.reference, it.letters, it.options, set(it.rivals))
                 gen = {"response": text, "answer": answer, "correct": right}
                 if fmt == "pope":
@@ -121,7 +123,8 @@ def evaluate(model: Any, tokenizer: Any, path: str | Path, fmt: str | None = Non
     passes = ("blank",) if blank_only else (("images", "blank") if baseline else ("images",))
     total = _count_rows(path)
     skipped, records, t0 = Skipped(), [], time.perf_counter()
-    blank = _BlankFeatures(model)
+    processor = MiniMindVLMProcessor.from_config(model.config, tokenizer)
+    blank = _BlankFeatures(model, processor)
     was_training = model.training
     model.eval()
     bar = tqdm(total=min(limit, total) if limit else total, desc=f"bench {Path(path).name}", unit="item",
@@ -138,7 +141,7 @@ def evaluate(model: Any, tokenizer: Any, path: str | Path, fmt: str | None = Non
             if chunk:
                 decoded = [(it, im) for it in chunk if (im := _decode(it, skipped)) is not None]
                 if decoded:
-                    records += _score_chunk(model, tokenizer, fmt, [d[0] for d in decoded], [d[1] for d in decoded],
+                    records += _score_chunk(model, processor, fmt, [d[0] for d in decoded], [d[1] for d in decoded],
                                             passes, methods, max_new_tokens, blank)
                 bar.update(len(chunk))
                 chunk = []
@@ -164,7 +167,7 @@ def evaluate(model: Any, tokenizer: Any, path: str | Path, fmt: str | None = Non
                   "loglik_sum": "the option with the highest summed log-probability of its tokens after the "
                                 "chat-template prompt",
                   "loglik_mean": "the option with the highest mean log-probability per token",
-                  "blank": "every image replaced by a grey 224x224 image"},
+                  "blank": "every image replaced by a grey image (the model's input size)"},
         "scores": summary, "seconds": round(time.perf_counter() - t0, 2), "items": records,
     }
     report = _clean(report)

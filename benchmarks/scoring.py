@@ -15,47 +15,40 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dataset.image_processing import preprocess_image
-from dataset.lm_dataset import render_conversation
 from model.chat import build_batch
 from model.generate import generate
+from model.processor import MiniMindVLMProcessor
 
 from .readers import Item
 
 BLANK_RGB = (128, 128, 128)
 
 
-def blank_image() -> Any:
-    """The grey square every image is replaced by in the no-image baseline."""
+def blank_image(size: int) -> Any:
+    """The grey square (size x size, the model's input size) every image is replaced by in the no-image baseline."""
     from PIL import Image
-    return Image.new("RGB", (224, 224), BLANK_RGB)
+    return Image.new("RGB", (size, size), BLANK_RGB)
 
 
 @torch.inference_mode()
-def encode(model: Any, images: list[list[Any]]) -> torch.Tensor | None:
-    """CLIP patch features [B, Nmax, 196, 768] of each item's PIL images (zeros in unused places),
-    one encoder call for the chunk; None when no item has an image."""
-    n_max = max((len(x) for x in images), default=0)
-    if not n_max:
+def encode(model: Any, processor: MiniMindVLMProcessor, images: list[list[Any]]) -> torch.Tensor | None:
+    """Vision features [B, Nmax, P, W] of each item's PIL images (zeros in unused places), one encoder
+    call for the chunk; None when no item has an image."""
+    pixel_values, num_images = processor.image_processor.batch(images)
+    if pixel_values is None:
         return None
-    flat = [preprocess_image(img) for imgs in images for img in imgs]
-    feats = model.encode_images(torch.stack(flat).to(model.device, model.dtype).unsqueeze(1))[:, 0]
-    out = feats.new_zeros(len(images), n_max, *feats.shape[1:])
-    k = 0
-    for i, imgs in enumerate(images):
-        out[i, :len(imgs)] = feats[k:k + len(imgs)]
-        k += len(imgs)
-    return out
+    return model.encode_images(pixel_values.to(model.dtype), num_images)
 
 
 @torch.inference_mode()
 def sequence_logprobs(model: Any, prompts: list[list[int]], continuations: list[list[int]],
                       features: torch.Tensor | None = None, feature_rows: list[int] | None = None,
-                      pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      pad_id: int = 0, num_images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(continuation token | everything before it), number of continuation tokens) for
     each prompt + continuation pair, in one forward pass.
 
-    `features` [I, N, 196, 768] are image features; row s uses `features[feature_rows[s]]`.
+    `features` [I, N, P, W] are image features; row s uses `features[feature_rows[s]]`, of which the
+    first `num_images[feature_rows[s]]` are real (all N without `num_images`).
     Rows are right-padded: under causal attention a real token never sees the padding after it,
     so no attention mask is needed."""
     seqs = [p + c for p, c in zip(prompts, continuations, strict=True)]
@@ -67,10 +60,12 @@ def sequence_logprobs(model: Any, prompts: list[list[int]], continuations: list[
     ids = ids.to(device)
     start = torch.tensor([len(p) for p in prompts], device=device)  # first continuation position
     count = torch.tensor([len(c) for c in continuations], device=device)
-    feats = None
+    feats = counts = None
     if features is not None:
-        feats = features[torch.tensor(feature_rows, device=features.device)].to(device)
-    hidden, _ = model.model(model.embed(ids, image_features=feats), None, None, None)
+        rows = torch.tensor(feature_rows)
+        feats = features[rows.to(features.device)].to(device)
+        counts = None if num_images is None else num_images[rows].to(device)
+    hidden, _ = model.model(model.embed(ids, image_features=feats, num_images=counts), None, None, None)
     # Position t predicts token t + 1: the continuation tokens are predicted from start-1 .. start+count-2.
     pos = torch.arange(T - 1, device=device)[None, :]
     scored = (pos >= start[:, None] - 1) & (pos < (start + count)[:, None] - 1)
@@ -82,17 +77,18 @@ def sequence_logprobs(model: Any, prompts: list[list[int]], continuations: list[
     return total.cpu(), count.cpu()
 
 
-def loglik_chunk(model: Any, tokenizer: Any, items: list[Item], features: torch.Tensor | None,
+def loglik_chunk(model: Any, processor: MiniMindVLMProcessor, items: list[Item], features: torch.Tensor | None,
                  max_rows: int = 64) -> list[dict | None]:
     """Per item: {"sum": [...], "mean": [...], "pick_sum": i, "pick_mean": i} over its options, or
-    None for an item without options. At most `max_rows` option rows per forward pass."""
-    image_token = model.config.image_special_token
+    None for an item without options. `features` [len(items), Nmax, P, W]: item i's images first (see
+    `encode`). At most `max_rows` option rows per forward pass."""
+    tokenizer = processor.tokenizer
+    num_images = torch.tensor([len(it.images) for it in items])
     prompts, conts, rows = [], [], []  # rows: the item (and feature row) of each option
     for i, item in enumerate(items):
         if not item.options:
             continue
-        text = render_conversation(tokenizer, item.mc_messages, add_generation_prompt=True, image_token=image_token)
-        p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        p = tokenizer(processor.render(item.mc_messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         for option in item.options:
             prompts.append(p)
             conts.append(tokenizer(option, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id])
@@ -100,7 +96,7 @@ def loglik_chunk(model: Any, tokenizer: Any, items: list[Item], features: torch.
     sums, counts = [], []
     for a in range(0, len(prompts), max_rows):
         s, c = sequence_logprobs(model, prompts[a:a + max_rows], conts[a:a + max_rows], features,
-                                 rows[a:a + max_rows], tokenizer.pad_token_id or 0)
+                                 rows[a:a + max_rows], tokenizer.pad_token_id or 0, num_images)
         sums.append(s)
         counts.append(c)
     out: list[dict | None] = [None] * len(items)
@@ -116,14 +112,15 @@ def loglik_chunk(model: Any, tokenizer: Any, items: list[Item], features: torch.
     return out
 
 
-def generate_chunk(model: Any, tokenizer: Any, items: list[Item], images: list[list[Any]],
+def generate_chunk(model: Any, processor: MiniMindVLMProcessor, items: list[Item], images: list[list[Any]],
                    max_new_tokens: int) -> list[str]:
     """Greedy answers to each item's generation prompt (left-padded batch, the project's decode loop)."""
-    input_ids, attention_mask, pixel_values = build_batch(
-        tokenizer, [it.messages for it in items], images, model.config.image_special_token,
-        [it.source for it in items])
+    tokenizer = processor.tokenizer
+    input_ids, attention_mask, pixel_values, num_images = build_batch(
+        processor, [it.messages for it in items], images, [it.source for it in items])
     if pixel_values is not None:
         pixel_values = pixel_values.to(model.dtype)
     out = generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, temperature=0.0,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+                   num_images=num_images)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.tolist()]

@@ -1,8 +1,10 @@
 """MiniMind-V training data: conversations + images -> token ids, labels and pixel tensors.
 
-    conversations JSON --render with the tokenizer's chat template (<image> -> '@' * 196)-->
-    text --tokenize--> input_ids; labels = input_ids on assistant replies (through their closing
-    `<|im_end|>\\n`), -100 elsewhere; images decoded and CLIP-preprocessed in the worker.
+    conversations JSON --render with the tokenizer's chat template (<image> -> an image's slot of '@')-->
+    text --tokenize--> input_ids; labels = input_ids on assistant replies (through their closer,
+    `<|im_end|>\\n` in ChatML), -100 elsewhere; images decoded and preprocessed in the worker.
+    The marker, the slot, the image geometry, the decoder and its limits, and the label rule's
+    markers all come from model/processor.py (a MiniMindVLMProcessor).
 
 Bad rows never crash a run. `__getitem__(i)` serves the first good row at or after i (wrapping),
 so batch shapes and DDP step counts never change; every row it had to skip is logged once (one
@@ -26,38 +28,40 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from model.model_vlm import PATCHES, image_slots
+from model.processor import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    ImageError,
+    MiniMindVLMImageProcessor,
+    MiniMindVLMProcessor,
+    assistant_markers,
+    count_markers,
+    decode_image,
+    image_slots,
+    pad_images,
+    render_conversation,
+)
 
-from .image_processing import load_image, preprocess_image
 from .rows import RowStore
 from .sampler import LengthGroupedSampler  # noqa: F401  (re-exported: the trainer imports it from here)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the parent tokenized
 log = logging.getLogger("minimind.data")
 
-IMAGE_MARKER = "<image>"
-IMAGE_TOKEN = "@" * PATCHES
-IMAGE_ID = 34
-IGNORE = -100
 PAD_ID = 0
 MAX_SKIP = 64  # this many bad rows in a row means the data (not a row) is broken: stop with a clear error
 
 # bad-row kinds, in the order summaries list them
-BAD_KINDS = ("json", "conversation", "image_count", "image_missing", "image_decode", "too_long", "placeholder")
+BAD_KINDS = ("json", "conversation", "image_count", "image_missing", "image_path", "image_decode",
+             "image_too_large", "too_long", "placeholder")
+IMAGE_KINDS = {"missing": "image_missing", "unreadable": "image_decode", "too_large": "image_too_large",
+               "aspect": "image_too_large"}  # model.processor.ImageError kind -> bad-row kind
 
 
 class BadRow(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
-
-
-def render_conversation(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False,
-                        image_token: str = IMAGE_TOKEN) -> str:
-    """The chat-template text of `messages`, every `<image>` replaced by the image placeholder."""
-    msgs = [{**m, "content": m["content"].replace(IMAGE_MARKER, image_token)}
-            if isinstance(m.get("content"), str) else m for m in messages]
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def parse_conversation(raw: str) -> list[dict]:
@@ -80,10 +84,6 @@ def parse_conversation(raw: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in conv]
 
 
-def count_markers(messages: list[dict]) -> int:
-    return sum(m["content"].count(IMAGE_MARKER) for m in messages)
-
-
 def token_seq(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -91,8 +91,8 @@ def token_seq(tokenizer: Any, text: str) -> list[int]:
 def assistant_labels(ids: torch.Tensor, header: Sequence[int], closer: Sequence[int]) -> torch.Tensor:
     """Labels for a 1-D id tensor: ids on every assistant reply, -100 elsewhere.
 
-    A reply starts right after each `header` (the ids of `<|im_start|>assistant\\n`) and ends with
-    the first `closer` (`<|im_end|>\\n`) after it, closer included; a reply cut by truncation runs
+    A reply starts right after each `header` and ends with the first `closer` after it, closer
+    included (model.processor.assistant_markers reads both off the chat template); a reply cut by truncation runs
     to the end. Vectorised: positions are supervised where the last reply start is later than the
     last closer end.
     """
@@ -112,12 +112,12 @@ def assistant_labels(ids: torch.Tensor, header: Sequence[int], closer: Sequence[
     last_open[starts[starts < L]] = starts[starts < L]
     last_close[ends[ends < L]] = ends[ends < L]
     supervised = last_open.cummax(0).values > last_close.cummax(0).values
-    return torch.where(supervised, ids, torch.full_like(ids, IGNORE))
+    return torch.where(supervised, ids, torch.full_like(ids, IGNORE_INDEX))
 
 
-def last_slot_end(ids: torch.Tensor) -> tuple[int, int]:
+def last_slot_end(ids: torch.Tensor, image_id: int, slot_len: int) -> tuple[int, int]:
     """(number of image slots, position just past the last one; 0 when none)."""
-    in_slot, _, patch = image_slots(ids[None], IMAGE_ID, PATCHES)
+    in_slot, _, patch = image_slots(ids[None], image_id, slot_len)
     in_slot, patch = in_slot[0], patch[0]
     n = int((in_slot & (patch == 0)).sum())
     end = int(in_slot.nonzero().max()) + 1 if n else 0
@@ -128,23 +128,25 @@ class VLMDataset(Dataset):
     """Rows of a MiniMind-V data file (.parquet: `conversations` + `image_bytes`; .jsonl:
     `conversations` + `image` names under `image_root`) as training items:
 
-        {"input_ids": LongTensor [L], "labels": LongTensor [L], "pixel_values": FloatTensor [N, 3, 224, 224],
+        {"input_ids": LongTensor [L], "labels": LongTensor [L], "pixel_values": FloatTensor [N, 3, S, S],
          "index": int (the row served), "skipped": [(row, kind), ...] (bad rows passed over)}
 
-    L <= max_length: text after the last image may be cut, a row whose images do not fit is skipped.
+    `processor`: the model's MiniMindVLMProcessor (`MiniMindVLMProcessor.from_config(model.config,
+    tokenizer)`), or a tokenizer, which gets the published geometry. L <= max_length: text after the
+    last image may be cut, a row whose images do not fit is skipped. JSONL image names must stay
+    inside `image_root` (no `..`, absolute paths or symlinks out of it).
     """
 
-    def __init__(self, data_path: str | Path, tokenizer: Any, max_length: int = 640,
-                 image_root: str | Path | None = None, cache_dir: str | Path | None = None,
-                 image_special_token: str = IMAGE_TOKEN):
+    def __init__(self, data_path: str | Path, processor: Any, max_length: int = 640,
+                 image_root: str | Path | None = None, cache_dir: str | Path | None = None):
+        if not isinstance(processor, MiniMindVLMProcessor):
+            processor = MiniMindVLMProcessor(MiniMindVLMImageProcessor(), processor)
         self.path = Path(data_path)
         self.rows = RowStore(self.path, cache_dir)
-        self.tokenizer = tokenizer
+        self.processor, self.tokenizer = processor, processor.tokenizer
         self.max_length = max_length
-        self.image_token = image_special_token
         self.image_root = Path(image_root) if image_root else self.path.parent / "images"
-        self.header = token_seq(tokenizer, f"{tokenizer.bos_token}assistant\n")
-        self.closer = token_seq(tokenizer, f"{tokenizer.eos_token}\n")
+        self.header, self.closer = assistant_markers(self.tokenizer)
         self._lengths: np.ndarray | None = None
         self._bad: dict[int, str] = {}  # row -> kind, per process: each bad row is decoded and logged once
 
@@ -160,32 +162,45 @@ class VLMDataset(Dataset):
         if n_markers > len(refs):
             raise BadRow("image_count", f"{n_markers} <image> marker(s) but {len(refs)} image(s)")
         refs = refs[:n_markers]  # images without a marker have no slot to fill (the original ignored them too)
-        ids = torch.tensor(token_seq(self.tokenizer, render_conversation(
-            self.tokenizer, messages, image_token=self.image_token)), dtype=torch.long)
-        n_slots, slots_end = last_slot_end(ids)
+        p = self.processor
+        ids = torch.tensor(token_seq(self.tokenizer, p.render(messages)), dtype=torch.long)
+        n_slots, slots_end = last_slot_end(ids, p.image_token_id, p.image_seq_length)
         if n_slots != n_markers:
             raise BadRow("placeholder", f"{n_markers} <image> marker(s) gave {n_slots} complete slot(s) of "
-                         f"{PATCHES} id-{IMAGE_ID} tokens (the tokenizer merges '@'? use the MiniMind tokenizer)")
+                         f"{p.image_seq_length} id-{p.image_token_id} tokens (the text has its own "
+                         f"{IMAGE_PLACEHOLDER!r} runs?)")
         if slots_end > self.max_length:
             raise BadRow("too_long", f"image slot(s) end at token {slots_end} > max_length {self.max_length}")
         labels = assistant_labels(ids, self.header, self.closer)
         ids, labels = ids[:self.max_length], labels[:self.max_length]
-        if not bool((labels[1:] != IGNORE).any()):
+        if not bool((labels[1:] != IGNORE_INDEX).any()):
             raise BadRow("too_long", f"no assistant token left within max_length {self.max_length}")
         return ids, labels, refs
 
     # -- images ----------------------------------------------------------------------------
+    def image_file(self, name: str) -> Path:
+        """A JSONL image name -> its file, which must lie inside the image folder (symlinks resolved)."""
+        root = self.image_root.resolve()
+        try:
+            path = (root / name).resolve()
+        except (OSError, ValueError):  # e.g. a NUL character in the name
+            raise BadRow("image_path", f"image {name!r} is not a usable file name") from None
+        if not path.is_relative_to(root):
+            raise BadRow("image_path", f"image {name!r} is outside the image folder {self.image_root}")
+        return path
+
     def decode_images(self, refs: list) -> torch.Tensor:
+        """Encoded images (Parquet bytes or JSONL names) -> FloatTensor [N, 3, S, S]; raises BadRow."""
         tensors = []
-        for ref in refs:
-            src = ref if isinstance(ref, (bytes, bytearray)) else self.image_root / ref
+        for k, ref in enumerate(refs):
+            src = ref if isinstance(ref, (bytes, bytearray)) else self.image_file(ref)
+            name = f"image {k}" if isinstance(ref, (bytes, bytearray)) else repr(ref)
             try:
-                tensors.append(preprocess_image(load_image(src)))
-            except FileNotFoundError as e:
-                raise BadRow("image_missing", f"{e} (check --image_root)") from None
-            except ValueError as e:
-                raise BadRow("image_decode", str(e)) from None
-        return torch.stack(tensors) if tensors else torch.zeros(0, 3, 224, 224)
+                tensors.append(self.processor.image_processor.pixels(decode_image(src, name), name))
+            except ImageError as e:
+                hint = " (check --images_path)" if e.kind == "missing" else ""
+                raise BadRow(IMAGE_KINDS[e.kind], f"{e}{hint}") from None
+        return torch.stack(tensors) if tensors else self.processor.image_processor.stack([])
 
     def load(self, i: int) -> dict:
         """Row i as an item; raises BadRow."""
@@ -214,21 +229,22 @@ class VLMDataset(Dataset):
     # -- lengths ---------------------------------------------------------------------------
     def lengths(self, show_progress: bool = True) -> np.ndarray:
         """Token length of every row (before truncation; 0 for unparseable rows), from the text
-        only (an image is exactly its 196 placeholder tokens). Cached next to the row cache."""
+        only (an image is exactly its slot of placeholder tokens). Cached next to the row cache."""
         if self._lengths is not None:
             return self._lengths
+        image_text = self.processor.image_text
         # keyed by what decides a length: the tokenizer's vocabulary and template, the placeholder
-        key = f"{len(self.tokenizer)}|{self.tokenizer.chat_template}|{self.header}|{self.image_token}"
+        key = f"{len(self.tokenizer)}|{self.tokenizer.chat_template}|{self.header}|{image_text}"
         probe = token_seq(self.tokenizer, "The quick brown fox, 42 @ image")
         cache = self.rows.cache.with_suffix(f".len-{zlib.crc32(f'{key}|{probe}'.encode()):08x}.npy")
         if cache.exists():
             self._lengths = np.load(cache)
             return self._lengths
         # '@' never merges in the MiniMind tokenizers, so a one-'@' placeholder tokenizes like the
-        # 196-'@' one minus 195 tokens, and tokenizing is ~3x faster
-        short = "@" if self.image_token == "@" * PATCHES and not any(
-            "@" in t and t != "@" for t in self.tokenizer.get_vocab()) else self.image_token
-        per_image = len(token_seq(self.tokenizer, self.image_token)) - len(token_seq(self.tokenizer, short))
+        # whole slot minus (slot length - 1) tokens, and tokenizing is ~3x faster
+        short = IMAGE_PLACEHOLDER if not any(
+            IMAGE_PLACEHOLDER in t and t != IMAGE_PLACEHOLDER for t in self.tokenizer.get_vocab()) else image_text
+        per_image = len(token_seq(self.tokenizer, image_text)) - len(token_seq(self.tokenizer, short))
         out = np.zeros(len(self), dtype=np.int32)
         row = 0
         with tqdm(total=len(self), desc=f"token lengths of {self.path.name}", unit="row",
@@ -240,7 +256,7 @@ class VLMDataset(Dataset):
                         messages = parse_conversation(raw)
                     except BadRow:
                         continue
-                    texts.append(render_conversation(self.tokenizer, messages, image_token=short))
+                    texts.append(render_conversation(self.tokenizer, messages, image_text=short))
                     where.append(row + j)
                     markers.append(count_markers(messages))
                 if texts:
@@ -260,24 +276,18 @@ def collate_fn(items: list[dict]) -> dict:
     """Pad a list of items to the batch's longest row.
 
     input_ids [B, T] (pad 0), labels [B, T] (pad -100), attention_mask [B, T] (1 = real token),
-    pixel_values [B, Nmax, 3, 224, 224] zero-padded or None when no row has an image, num_images [B],
+    pixel_values [B, Nmax, 3, S, S] zero-padded or None when no row has an image, num_images [B],
     index [B], bad_rows: list of (row, kind) skipped while building this batch.
     """
     B = len(items)
     T = max(it["input_ids"].numel() for it in items)
     lens = torch.tensor([it["input_ids"].numel() for it in items])
     input_ids = torch.full((B, T), PAD_ID, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     attention_mask = (torch.arange(T)[None, :] < lens[:, None]).long()
     input_ids[attention_mask.bool()] = torch.cat([it["input_ids"] for it in items])
     labels[attention_mask.bool()] = torch.cat([it["labels"] for it in items])
-    num_images = torch.tensor([it["pixel_values"].shape[0] for it in items], dtype=torch.long)
-    n_max = int(num_images.max()) if B else 0
-    pixel_values = None
-    if n_max:
-        pixel_values = torch.zeros(B, n_max, 3, 224, 224)
-        for b, it in enumerate(items):
-            pixel_values[b, :it["pixel_values"].shape[0]] = it["pixel_values"]
+    pixel_values, num_images = pad_images([it["pixel_values"] for it in items])
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "pixel_values": pixel_values, "num_images": num_images,
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
@@ -311,7 +321,7 @@ def collate_packed(items: list[dict], capacity: int) -> dict:
     segment_ids [P, T]: 1 + the row's position in the batch, 0 on padding; attention stays inside a
     segment (see model.model_minimind.segment_attention_mask);
     image_row, image_pos [P, M]: pack p's k-th image is row image_row[p, k]'s image image_pos[p, k]
-    (entries past a pack's images point at any image and are never read);
+    (entries past a pack's images point at any image and are never read); pack_num_images [P]: images per pack;
     pixel_values, num_images, index, bad_rows: per row, exactly as `collate_fn` gives them.
 
     The first label of every row is never supervised (a row starts with its chat header), so no
@@ -333,7 +343,8 @@ def collate_packed(items: list[dict], capacity: int) -> dict:
     dest = ((pack_of * T + start)[:, None] + offset)[real]  # flat [P*T] position of every real token
     out = {}
     for key, fill, src in (("input_ids", PAD_ID, rows["input_ids"][order][real]),
-                           ("labels", IGNORE, rows["labels"][order].index_fill(1, torch.tensor([0]), IGNORE)[real]),
+                           ("labels", IGNORE_INDEX,
+                            rows["labels"][order].index_fill(1, torch.tensor([0]), IGNORE_INDEX)[real]),
                            ("position_ids", 0, offset[real]),
                            ("segment_ids", 0, (order + 1)[:, None].expand_as(real)[real])):
         flat = torch.full((P * T,), fill, dtype=torch.long)
@@ -350,7 +361,7 @@ def collate_packed(items: list[dict], capacity: int) -> dict:
     image_pos = torch.zeros_like(image_row)
     image_row[img_pack, slot] = order.repeat_interleave(n)
     image_pos[img_pack, slot] = torch.arange(len(img_pack)) - first
-    return {**rows, **out, "image_row": image_row, "image_pos": image_pos}
+    return {**rows, **out, "image_row": image_row, "image_pos": image_pos, "pack_num_images": per_pack}
 
 
 class BadRowStats:

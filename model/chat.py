@@ -1,31 +1,35 @@
 """From a chat (messages with `<image>` markers + images) to an engine request, and back to streamed text.
 
-The one place where eval_vlm.py, web_demo.py and the API server turn user input into a prompt:
-the chat template (dataset.lm_dataset.render_conversation), CLIP preprocessing
-(dataset.image_processing) and the serving engine (model.engine). Every check that is cheap comes
-before the work it protects: image headers (pixels, aspect ratio) before decoding, the text's length
-before tokenizing, the token count before any model work.
+The one place where eval_vlm.py, web_demo.py and the API server turn user input into a prompt, through
+the model's processor (model/processor.py: the chat template, the image decoder, the preprocessing)
+and the serving engine (model/engine.py). Every check that is cheap comes before the work it protects:
+image headers (pixels, aspect ratio) before decoding, the text's length before tokenizing, the token
+count before any model work.
 """
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from dataset.image_processing import load_image, preprocess_image
-from dataset.lm_dataset import render_conversation
-
 from .engine import Engine, GenRequest
-from .model_vlm import image_slots
+from .processor import (
+    IMAGE_MARKER,
+    IMAGE_PLACEHOLDER,
+    MAX_ASPECT,
+    MAX_IMAGE_PIXELS,
+    ImageError,
+    MiniMindVLMProcessor,
+    count_markers,
+    count_slots,
+    decode_image,
+)
 
-IMAGE_MARKER = "<image>"
 # The published scripts' default image-description prompt.
 DEFAULT_PROMPT = "仔细看一下这张图：\n\n<image>\n\n描述一下这个图像的内容。"
-MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300: bigger uploads are refused, not decoded
-MAX_ASPECT = 20                # beyond 20:1 the centre crop keeps under 5% of the image; resizing it costs a lot
 MAX_IMAGES = 8
 CHARS_PER_TOKEN = 32           # no token of either tokenizer is longer: more characters than this per
                                # context position cannot fit, so such text is refused before tokenizing
@@ -47,40 +51,21 @@ def with_image_markers(prompt: str, n_images: int) -> str:
     return "\n".join([IMAGE_MARKER] * n_images) + "\n" + prompt
 
 
-def open_image(src: bytes | str, name: str = "image", max_pixels: int = MAX_IMAGE_PIXELS,
+def open_image(src: bytes | str | Path, name: str = "image", max_pixels: int = MAX_IMAGE_PIXELS,
                max_aspect: float = MAX_ASPECT) -> Any:
-    """Decode an upload (bytes or path) into an RGB PIL image, with user-facing errors. The size and
-    aspect ratio are read from the header and checked before any pixel is decoded."""
-    import warnings
+    """Decode an upload (bytes or path) into an RGB PIL image with model.processor.decode_image (its
+    size, then the header's pixels and aspect ratio, are checked before any pixel is decoded), with
+    user-facing errors."""
+    try:
+        return decode_image(src, name, max_pixels, max_aspect)
+    except ImageError as e:
+        raise ChatInputError(str(e), "image_too_large" if e.kind == "too_large" else "invalid_image") from None
 
-    from PIL import Image
-    # PIL refuses (DecompressionBombError) above twice this: a last line behind our own header check.
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as probe:
-                width, height = probe.size
-    except FileNotFoundError:
-        raise ChatInputError(f"{name}: file not found") from None
-    except Image.DecompressionBombError:
-        raise ChatInputError(f"{name} is too large (limit {max_pixels / 1e6:g} megapixels)", "image_too_large") from None
-    except Exception as e:  # PIL raises many kinds for junk
-        raise ChatInputError(f"{name} is not an image that can be read ({type(e).__name__})",
-                             "invalid_image") from None
-    if width < 1 or height < 1 or width * height > max_pixels:
-        raise ChatInputError(f"{name} is too large: {width}x{height} (limit {max_pixels / 1e6:g} megapixels)",
-                             "image_too_large")
-    if max(width, height) > max_aspect * min(width, height):
-        raise ChatInputError(f"{name} is {width}x{height}: aspect ratio over {max_aspect:g}:1 is not accepted",
-                             "invalid_image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return load_image(src)
-    except (ValueError, OSError):
-        raise ChatInputError(f"{name} is not an image that can be read (it could not be decoded)",
-                             "invalid_image") from None
+
+def image_tensor(processor: MiniMindVLMProcessor, src: bytes | str | Path, name: str = "image",
+                 max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float = MAX_ASPECT) -> torch.Tensor:
+    """An upload, decoded (open_image) and preprocessed for the model at once: FloatTensor [3, S, S]."""
+    return processor.image_processor.pixels(open_image(src, name, max_pixels, max_aspect), name)
 
 
 def check_conversation(messages: list[dict], n_images: int) -> None:
@@ -88,7 +73,7 @@ def check_conversation(messages: list[dict], n_images: int) -> None:
     match the images given."""
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise ChatInputError("the prompt is empty: type a question")
-    n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    n_markers = count_markers(messages)
     if n_markers != n_images:
         raise ChatInputError(f"the conversation has {n_markers} <image> marker(s) but {n_images} image(s)")
     if n_images > MAX_IMAGES:
@@ -103,42 +88,37 @@ def check_text(text: str, what: str = "text") -> None:
         raise ChatInputError(f"{what} is not valid Unicode (a lone surrogate?)") from None
 
 
-def build_batch(tokenizer: Any, conversations: list[list[dict]], images: list[list], image_token: str,
-                names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def build_batch(processor: MiniMindVLMProcessor, conversations: list[list[dict]], images: list[list],
+                names: list[str] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Several chats -> (input_ids [B, T] left-padded so every prompt ends where generation starts,
-    attention_mask [B, T], pixel_values [B, Nmax, 3, 224, 224] or None), for batch work outside the
-    engine (benchmarks/). Each chat's PIL images come in marker order; a chat with fewer than Nmax
-    images gets zeros in the spare places (never read). A bad chat raises ChatInputError, prefixed
-    with its entry of `names` when given."""
+    attention_mask [B, T], pixel_values [B, Nmax, 3, S, S] or None, num_images [B]), for batch work
+    outside the engine (benchmarks/). Each chat's PIL images come in marker order; a chat with fewer
+    than Nmax images gets zeros in the spare places (num_images says which are real). A bad chat
+    raises ChatInputError, prefixed with its entry of `names` when given."""
     for i, (messages, imgs) in enumerate(zip(conversations, images, strict=True)):
         try:
             check_conversation(messages, len(imgs))
         except ChatInputError as e:
             raise ChatInputError(f"{names[i]}: {e}" if names else str(e)) from None
-    texts = [render_conversation(tokenizer, m, add_generation_prompt=True, image_token=image_token)
-             for m in conversations]
-    enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, padding_side="left", add_special_tokens=False)
-    n_max = max(len(imgs) for imgs in images)
-    pixel_values = None
-    if n_max:
-        pixel_values = torch.zeros(len(images), n_max, 3, 224, 224)
-        for i, imgs in enumerate(images):
-            for j, img in enumerate(imgs):
-                pixel_values[i, j] = preprocess_image(img)
-    return enc["input_ids"], enc["attention_mask"], pixel_values
+    texts = [processor.render(m, add_generation_prompt=True) for m in conversations]
+    enc = processor.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, padding_side="left",
+                              add_special_tokens=False)
+    pixel_values, num_images = processor.image_processor.batch(images)
+    return enc["input_ids"], enc["attention_mask"], pixel_values, num_images
 
 
-def build_inputs(tokenizer: Any, messages: list[dict], images: list, image_token: str
+def build_inputs(processor: MiniMindVLMProcessor, messages: list[dict], images: list
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chat -> (input_ids [1, T], pixel_values [1, N, 3, 224, 224] or None), with the generation prompt."""
-    input_ids, _, pixel_values = build_batch(tokenizer, [messages], [images], image_token)
+    """One chat -> (input_ids [1, T], pixel_values [1, N, 3, S, S] or None), with the generation prompt."""
+    input_ids, _, pixel_values, _ = build_batch(processor, [messages], [images])
     return input_ids, pixel_values
 
 
 def encode_chat(engine: Engine, messages: list[dict], images: list) -> tuple[list[int], torch.Tensor | None]:
     """One chat (roles user/assistant/system, `<image>` markers in the text, images in marker order: PIL
-    images or preprocessed [3, 224, 224] tensors) -> (prompt ids with the generation prompt, pixel_values
-    [N, 3, 224, 224] or None). Raises ChatInputError for anything the engine could not run."""
+    images or preprocessed [3, S, S] tensors) -> (prompt ids with the generation prompt, pixel_values
+    [N, 3, S, S] or None). Raises ChatInputError for anything the engine could not run."""
     check_conversation(messages, len(images))
     chars = sum(len(m["content"]) for m in messages)
     for m in messages:
@@ -146,21 +126,18 @@ def encode_chat(engine: Engine, messages: list[dict], images: list) -> tuple[lis
     if chars > engine.max_context * CHARS_PER_TOKEN:
         raise ChatInputError(f"the prompt has {chars} characters: far more than a context of "
                              f"{engine.max_context} tokens holds", "context_length_exceeded")
-    cfg = engine.model.config
-    text = render_conversation(engine.tokenizer, messages, add_generation_prompt=True,
-                               image_token=cfg.image_special_token)
-    ids = engine.encode(text)
+    p = engine.processor
+    ids = engine.encode(p.render(messages, add_generation_prompt=True))
     if len(ids) >= engine.max_context:
         raise ChatInputError(f"the prompt is {len(ids)} tokens; the context holds {engine.max_context} "
                              f"(prompt and answer together)", "context_length_exceeded")
-    in_slot, _, patch = image_slots(torch.tensor([ids]), cfg.image_ids[0], len(cfg.image_ids))
-    slots = int((in_slot & (patch == 0)).sum())
-    if slots != len(images):  # e.g. 196 '@' typed as text make a slot of their own
+    slots = int(count_slots(torch.tensor([ids]), p.image_token_id, p.image_seq_length)[0])
+    if slots != len(images):  # e.g. a slot's worth of '@' typed as text makes a slot of its own
         raise ChatInputError(f"the prompt has {slots} image slot(s) for {len(images)} image(s): "
-                             f"text may not contain runs of {len(cfg.image_ids)} '@'")
+                             f"text may not contain runs of {p.image_seq_length} {IMAGE_PLACEHOLDER!r}")
     if not images:
         return ids, None
-    pixels = torch.stack([im if isinstance(im, torch.Tensor) else preprocess_image(im) for im in images])
+    pixels = torch.stack([im if isinstance(im, torch.Tensor) else p.image_processor.pixels(im) for im in images])
     return ids, pixels
 
 

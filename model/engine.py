@@ -41,6 +41,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .processor import MiniMindVLMProcessor
+
 log = logging.getLogger("minimind")
 
 DEFAULT_MAX_CONTEXT = 2048  # the context the published model was trained for (YaRN's original length)
@@ -59,7 +61,7 @@ class EngineClosed(RuntimeError):
 class GenRequest:
     """One generation request: a tokenized prompt and its images, already checked against the limits."""
     input_ids: Sequence[int]
-    pixel_values: torch.Tensor | None = None  # [N, 3, 224, 224], in slot order
+    pixel_values: torch.Tensor | None = None  # [N, 3, S, S], in slot order
     max_new_tokens: int = 512
     temperature: float = 0.0                  # 0 = greedy
     top_p: float = 1.0
@@ -292,6 +294,7 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
+        self.processor = MiniMindVLMProcessor.from_config(cfg, tokenizer)  # the model's image/text contract
         self.max_batch, self.max_queue, self.prefill_budget = max_batch, max_queue, prefill_budget
         self.max_context = min(max_context, cfg.max_position_embeddings)
         self.eos = tokenizer.eos_token_id
@@ -541,14 +544,14 @@ class Engine:
         for b, h in enumerate(handles):
             ids[b, :lengths[b]] = torch.as_tensor(list(h.request.input_ids), dtype=torch.long)
         ids = ids.to(self.device)
-        features = self._image_features(handles)
+        features, num_images = self._image_features(handles)
         first = len(self._rows)
         src = torch.tensor([b for b, h in enumerate(handles) for _ in range(h.request.n)], dtype=torch.long)
         src_d = src.to(self.device)
         need = max(len(h.request.input_ids) + h.request.max_new_tokens for h in handles)
         self._ensure_cache(max(T, min(need, self.max_context), int(self._len[:first].max()) + 1 if first else 0),
                            first + src.numel())
-        embeds = model.embed(ids, image_features=features)
+        embeds = model.embed(ids, image_features=features, num_images=num_images)
         hidden, _ = model.model(embeds, None, None, _PrefillCache(self._k, self._v, first, src_d))
         last = torch.tensor(lengths, device=self.device) - 1
         logits = model.lm_head(hidden[torch.arange(len(handles), device=self.device), last])[src_d]
@@ -573,18 +576,19 @@ class Engine:
                 j += 1
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
 
-    def _image_features(self, handles: list[Handle]) -> torch.Tensor | None:
-        """CLIP features [B, Nmax, 196, 768] for the newcomers, every image in one encoder call."""
+    def _image_features(self, handles: list[Handle]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(vision features [B, Nmax, P, W] for the newcomers, every image in one encoder call; images
+        per newcomer [B]), or (None, None) when none has an image."""
         counts = [0 if h.request.pixel_values is None else h.request.pixel_values.shape[0] for h in handles]
         if not any(counts):
-            return None
+            return None, None
         pixels = torch.cat([h.request.pixel_values for h in handles if h.request.pixel_values is not None])
-        feats = self.model.encode_images(pixels.to(self.device, self.dtype))[:, 0]  # [sum N, 196, 768]
+        feats = self.model.encode_images(pixels.to(self.device, self.dtype))[:, 0]  # [sum N, P, W]
         out = feats.new_zeros(len(handles), max(counts), *feats.shape[1:])
         b = torch.repeat_interleave(torch.arange(len(handles)), torch.tensor(counts))
         j = torch.cat([torch.arange(c) for c in counts])
         out[b.to(self.device), j.to(self.device)] = feats
-        return out
+        return out, torch.tensor(counts, device=self.device)
 
     def _decode(self, tokens: torch.Tensor) -> None:
         """One forward of every running row's newest token."""

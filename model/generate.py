@@ -79,7 +79,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 def _tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             pixel_values: torch.Tensor | None, max_new_tokens: int, temperature: float, top_p: float,
             repetition_penalty: float, eos_token_id: int | None, pad_token_id: int,
-            num_return_sequences: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+            num_return_sequences: int, generator: torch.Generator | None,
+            num_images: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row ([B * num_return_sequences]) until all rows hit EOS or
     max_new_tokens. Finished rows yield pad_token_id."""
     device = model.device
@@ -93,6 +94,7 @@ def _tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     kwargs = {}
     if pixel_values is not None:
         kwargs["pixel_values"] = pixel_values.to(device)
+        kwargs["num_images"] = num_images
     # Prefill: images are encoded here, once; only the last position's logits are needed.
     out = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                 use_cache=True, logits_to_keep=1, **kwargs)
@@ -141,15 +143,18 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
              pixel_values: torch.Tensor | None = None, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: int | None = 2,
              pad_token_id: int = 0, num_return_sequences: int = 1, generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             num_images: torch.Tensor | None = None) -> torch.Tensor:
     """Generate continuations of left-padded `input_ids` [B, T]; returns only the new tokens
     [B * num_return_sequences, <= max_new_tokens] (pad_token_id after a row's EOS).
 
-    `temperature` 0 is greedy; `on_token(ids [B])` is called after every step (streaming).
+    `temperature` 0 is greedy; `on_token(ids [B])` is called after every step (streaming);
+    `num_images` [B]: images per row when `pixel_values` [B, Nmax, ...] is zero-padded.
     """
     steps = []
     for token in _tokens(model, input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_p,
-                         repetition_penalty, eos_token_id, pad_token_id, num_return_sequences, generator):
+                         repetition_penalty, eos_token_id, pad_token_id, num_return_sequences, generator,
+                         num_images):
         steps.append(token)
         if on_token is not None:
             on_token(token)

@@ -20,7 +20,8 @@ import torch
 from . import DEFAULT_CLIP, DEFAULT_TOKENIZER, resolve
 from .argtypes import port_int, positive_int
 from .model_minimind import MiniMindConfig
-from .model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
+from .model_vlm import MiniMindVLM, VLMConfig
+from .processor import TokenizerNotFoundError, load_tokenizer, vision_geometry
 from .stock_export import StockExportError, read_config, stock_state
 from .weights import (
     SHAPE_FLAGS,
@@ -57,7 +58,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="default: from the weight file (given: checked against it)")
     g.add_argument("--use_moe", type=int, default=None, choices=[0, 1],
                    help="default: from the weight file (given: picks {weight}_{hidden}_moe.pth and is checked)")
-    g.add_argument("--vision_model_path", default=str(DEFAULT_CLIP), help="CLIP ViT-B/16 folder")
+    g.add_argument("--vision_model_path", default=str(DEFAULT_CLIP),
+                   help="vision tower folder (the published models use CLIP ViT-B/16)")
     g.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER),
                    help="tokenizer folder (for a transformers folder its own tokenizer is used when present)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -156,7 +158,11 @@ def read_native(args: argparse.Namespace) -> tuple[Path, VLMConfig, dict[str, to
         raise ModelLoadError(str(e)) from None
     for k in SHAPE_FLAGS:
         setattr(args, k, int(shape[k]))
-    return path, VLMConfig(**shape), state
+    try:  # a .pth has no config: the image geometry is the vision tower's own
+        geometry = vision_geometry(resolve(args.vision_model_path))
+    except FileNotFoundError:  # no tower at hand (e.g. converting text-only): the published geometry
+        geometry = {}
+    return path, VLMConfig(**shape, **geometry), state
 
 
 # Everything our config.json may carry that our config classes take (the rest, e.g. auto_map, is ignored).
@@ -238,13 +244,10 @@ def parse_weight_name(path: str | Path) -> dict:
 
 
 def _tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-    path = resolve(path)
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
-        raise ModelLoadError(
-            f"no tokenizer at {path}: run `python scripts/download.py` for the published MiniMind tokenizer, "
-            f"or pass --tokenizer_path model/tokenizer for the project's own")
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # never the folder's code, no y/N prompt
+    try:
+        return load_tokenizer(resolve(path))
+    except TokenizerNotFoundError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
@@ -267,8 +270,8 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
         tokenizer = _tokenizer(folder if has_tok else args.tokenizer_path)
     # The vision tower is attached separately: it is never part of a MiniMind-V checkpoint.
     try:
-        model.vision_encoder = load_vision_encoder(resolve(args.vision_model_path))
-    except FileNotFoundError as e:  # its message says which script downloads / makes one
+        model.attach_vision_encoder(resolve(args.vision_model_path))
+    except (FileNotFoundError, ValueError) as e:  # a missing tower says how to get one; a misfit, what differs
         raise ModelLoadError(str(e)) from None
     model = model.to(device=device, dtype=dtype).eval()
     method = getattr(args, "quantize", "none")

@@ -18,7 +18,8 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-IGNORE_INDEX = -100
+from .processor import IGNORE_INDEX
+
 # transformers 5.24 renamed the outputs' `past_key_values` field to `cache`; fill whichever this version has.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # YaRN (inference_rope_scaling=True) stretches the 2048-token training context 16x.

@@ -6,11 +6,11 @@ Why the mapping is exact:
 - MiniMind's LM *is* a Llama: pre-norm RMSNorm (weight * normed.type_as(x)), rotate-half RoPE with
   inv_freq 1/theta^(2i/d), GQA without biases, SwiGLU, tied embeddings. Even the parameter names match.
 - LLaVA's projector is linear_1 -> act -> linear_2. With act = "linear" (the identity) and linear_2 an
-  identity matrix with a zero bias, it computes exactly our single Linear(768, H): every output element
+  identity matrix with a zero bias, it computes exactly our single Linear(vision width, H): every output element
   of linear_2 is one product x * 1.0 plus products with 0.0, and x*1 and x + 0 are exact in floating point.
 - vision_feature_layer -1 with the "default" strategy is CLIP's last_hidden_state without CLS, as ours.
-- LLaVA swaps every image-token id for image features in order; with image token id 34 ('@') and 196
-  tokens per image that is our splice, as long as no other '@' token stands in a prompt that has images.
+- LLaVA swaps every image-token id for image features in order; with our image token ('@') and one token
+  per patch that is our splice, as long as no other '@' token stands in a prompt that has images.
 - MoE (LLaVA only): Qwen2-MoE's block is softmax top-k routing with renormalised weights (our router) plus a
   shared expert scaled by sigmoid(shared_expert_gate(x)). A zero gate gives sigmoid(0) = 0.5 exactly and a
   doubled shared down_proj undoes it exactly (scaling by a power of two never rounds), so the shared expert
@@ -25,11 +25,10 @@ from typing import Any
 import torch
 
 from .model_minimind import YARN, MiniMindConfig
-from .model_vlm import PATCHES, VISION_DIM, VLMConfig
+from .model_vlm import VLMConfig
+from .processor import IMAGE_PLACEHOLDER, check_geometry, geometry_of, processor_chat_template
 from .weights import folder_weight_file
 
-IMAGE_TOKEN = "@"      # the placeholder character; its id (34) is LLaVA's image_token_index
-IMAGE_MARKER = "<image>"
 PROJ_PREFIX = "vision_proj.vision_proj.0."
 LLAVA_PROJ = "model.multi_modal_projector."
 LLAVA_LM = "model.language_model."
@@ -206,12 +205,11 @@ def llava_config(config: VLMConfig, vision_config: Any, dtype: torch.dtype = tor
     return cfg
 
 
-def check_vision_tower(vision_config: Any) -> None:
-    size, patch, width = vision_config.image_size, vision_config.patch_size, vision_config.hidden_size
-    if (size // patch) ** 2 != PATCHES or width != VISION_DIM:
-        raise StockExportError(
-            f"the vision tower has {(size // patch) ** 2} patches of width {width}; MiniMind-V needs CLIP "
-            f"ViT-B/16 at 224 px ({PATCHES} patches of width {VISION_DIM}): check --vision_model_path")
+def check_vision_tower(config: VLMConfig, vision_config: Any) -> None:
+    try:
+        check_geometry(config, geometry_of(vision_config), "--vision_model_path")
+    except ValueError as e:
+        raise StockExportError(str(e)) from None
 
 
 def build_llava(config: VLMConfig, state: dict[str, torch.Tensor], vision_encoder: Any,
@@ -219,7 +217,7 @@ def build_llava(config: VLMConfig, state: dict[str, torch.Tensor], vision_encode
     """A LlavaForConditionalGeneration holding our LM, our projection and the CLIP tower, loaded strictly."""
     from transformers import LlavaForConditionalGeneration
     check_moe(config)
-    check_vision_tower(vision_encoder.config)
+    check_vision_tower(config, vision_encoder.config)
     if not any(k.startswith(PROJ_PREFIX) for k in state):
         raise StockExportError("the weight file has no vision_proj: it is an LM-only file (export it with to_llama)")
     model = LlavaForConditionalGeneration(llava_config(config, vision_encoder.config, dtype)).to(dtype)
@@ -265,51 +263,27 @@ def state_from_llava(model: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-# The processor's chat template: the tokenizer's own template, preceded by a step that turns every message's
-# content into the plain string that template expects. `<image>` in text and {"type": "image"} items become
-# the one-character image token, which the processor then expands to 196 of them.
-_NORMALISE_MESSAGES = """{%- set _ns = namespace(msgs=[]) -%}
-{%- for _m in messages -%}
-  {%- if _m.content is string -%}
-    {%- set _c = _m.content | replace('<image>', '@') -%}
-  {%- else -%}
-    {%- set _p = namespace(parts=[]) -%}
-    {%- for _item in _m.content -%}
-      {%- if _item.type == 'image' -%}{%- set _p.parts = _p.parts + ['@'] -%}
-      {%- elif _item.type == 'text' -%}{%- set _p.parts = _p.parts + [_item.text | replace('<image>', '@')] -%}
-      {%- endif -%}
-    {%- endfor -%}
-    {%- set _c = _p.parts | join('\\n') -%}
-  {%- endif -%}
-  {%- set _ns.msgs = _ns.msgs + [{'role': _m.role, 'content': _c, 'tool_calls': _m.tool_calls}] -%}
-{%- endfor -%}
-{%- set messages = _ns.msgs -%}
-"""
-
-
-def processor_chat_template(tokenizer_template: str) -> str:
-    return (_NORMALISE_MESSAGES.replace("'@'", repr(IMAGE_TOKEN)).replace("'<image>'", repr(IMAGE_MARKER))
-            + tokenizer_template)
-
-
-def clip_image_processor() -> Any:
-    """CLIP's preprocessing as MiniMind-V does it: RGB, shortest side 224 (bicubic), centre crop 224,
-    CLIP mean/std (the PIL backend: no torchvision needed)."""
+def clip_image_processor(config: VLMConfig) -> Any:
+    """The model's preprocessing with transformers' CLIP processor: RGB, shortest side to the input size
+    (bicubic), centre crop, the config's mean/std (the PIL backend: no torchvision needed)."""
     from transformers import CLIPImageProcessorPil
-    return CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                 do_convert_rgb=True)
+    size = config.image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                 image_mean=config.image_mean, image_std=config.image_std, do_convert_rgb=True)
 
 
-def build_processor(tokenizer: Any) -> Any:
+def build_processor(tokenizer: Any, config: VLMConfig) -> Any:
     """A LlavaProcessor: each '@' in text (what `<image>` becomes in the chat template) grows to the
-    196 placeholder tokens of one image (196 patches + CLS, minus CLS under the "default" strategy)."""
+    placeholder tokens of one image (its patches + CLS, minus CLS under the "default" strategy)."""
     from transformers import LlavaProcessor
-    if tokenizer.encode(IMAGE_TOKEN * PATCHES, add_special_tokens=False) != [tokenizer.convert_tokens_to_ids(
-            IMAGE_TOKEN)] * PATCHES:
-        raise StockExportError(f"this tokenizer does not turn {PATCHES} '@' into {PATCHES} image tokens")
-    return LlavaProcessor(image_processor=clip_image_processor(), tokenizer=tokenizer, patch_size=16,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          image_token=IMAGE_TOKEN, chat_template=processor_chat_template(tokenizer.chat_template))
+    n = len(config.image_ids)
+    if tokenizer.encode(IMAGE_PLACEHOLDER * n, add_special_tokens=False) != config.image_ids:
+        raise StockExportError(f"this tokenizer does not turn {n} {IMAGE_PLACEHOLDER!r} into {n} tokens of id "
+                               f"{config.image_token_id} (the image slot)")
+    return LlavaProcessor(image_processor=clip_image_processor(config), tokenizer=tokenizer,
+                          patch_size=config.patch_size, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, image_token=IMAGE_PLACEHOLDER,
+                          chat_template=processor_chat_template(tokenizer.chat_template, IMAGE_PLACEHOLDER))
 
 
 def read_config(folder: Path) -> dict:
@@ -346,9 +320,10 @@ def stock_state(folder: Path, cfg: dict) -> tuple[VLMConfig, dict[str, torch.Ten
         if text_cfg.get("model_type", "llama") not in ("llama", "qwen2_moe"):
             raise StockExportError(f"{folder}: the LLaVA text model is a {text_cfg.get('model_type')}, not a "
                                    f"Llama or Qwen2-MoE: not a MiniMind-V export")
-        config = minimind_config_from_llama(text_cfg, image_ids=[cfg.get("image_token_index", 34)] *
-                                            cfg.get("image_seq_length", 196))
-        return config, state_from_llava(load_stock(folder, "LlavaForConditionalGeneration"))
+        llava = load_stock(folder, "LlavaForConditionalGeneration")
+        config = minimind_config_from_llama(text_cfg, image_token_id=llava.config.image_token_index,
+                                            **geometry_of(llava.config.vision_config))
+        return config, state_from_llava(llava)
     if cfg["model_type"] != "llama":
         raise StockExportError(f"{folder}: a {cfg['model_type']!r} model, not a LLaVA or Llama export")
     return minimind_config_from_llama(cfg), load_stock(folder, "LlamaForCausalLM").state_dict()

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from model import PROJECT_TOKENIZER, ROOT, TINY_CLIP, resolve
 from model.argtypes import int_range, model_width, non_negative_int, positive_int, seed_int
-from model.model_vlm import PATCHES
+from model.processor import DEFAULT_PATCHES, IGNORE_INDEX
 
 MODES = ("original", "padded", "packed", "packed_cached")
 
@@ -60,7 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hidden_size", type=model_width, default=512)
     ap.add_argument("--num_hidden_layers", type=positive_int, default=8)
     ap.add_argument("--batch_size", type=positive_int, default=16)
-    ap.add_argument("--max_seq_len", type=int_range(PATCHES + 8), default=640, help="room for one image and some text")
+    ap.add_argument("--max_seq_len", type=int_range(DEFAULT_PATCHES + 8), default=640,
+                    help="room for one image (of the default geometry) and some text")
     ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per mode")
     ap.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first")
     ap.add_argument("--clip", default=str(TINY_CLIP), help="vision encoder (default: the tiny random stand-in)")
@@ -95,14 +96,14 @@ def original_step_loss(model, batch: dict, max_seq_len: int, device: torch.devic
     """The published scripts' step: rows padded to max_seq_len, logits everywhere, masked CE."""
     B, T = batch["input_ids"].shape
     ids = F.pad(batch["input_ids"], (0, max_seq_len - T), value=0).to(device)
-    labels = F.pad(batch["labels"], (0, max_seq_len - T), value=-100).to(device)
+    labels = F.pad(batch["labels"], (0, max_seq_len - T), value=IGNORE_INDEX).to(device)
     feats = None
     if batch["pixel_values"] is not None:
         with torch.no_grad():
             feats = model.encode_images(batch["pixel_values"].to(device))
-    out = model(input_ids=ids, image_features=feats)
+    out = model(input_ids=ids, image_features=feats, num_images=batch["num_images"])
     x, y = out.logits[:, :-1], labels[:, 1:]
-    mask = (y != -100).float()
+    mask = (y != IGNORE_INDEX).float()
     loss = F.cross_entropy(x.reshape(-1, x.shape[-1]), y.clamp(min=0).reshape(-1), reduction="none")
     return (loss * mask.reshape(-1)).sum() / mask.sum() + out.aux_loss
 
@@ -122,23 +123,26 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
 
     from dataset.lm_dataset import VLMDataset, collate_fn, collate_packed
     from model.model_vlm import MiniMindVLM, VLMConfig
+    from model.processor import MiniMindVLMProcessor, load_tokenizer, vision_geometry
     from trainer.data import RankSampler
     from trainer.feature_cache import FeatureCache
     from trainer.progress import peak_memory_mb
     from trainer.recipe import set_trainable
-    from trainer.train_loop import batch_loss, encode_images, load_tokenizer, optimizer_step
+    from trainer.train_loop import batch_loss, encode_images, optimizer_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
-                        vision_model_path=resolve(args.clip)).to(device)
+    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                       **vision_geometry(resolve(args.clip)))
+    model = MiniMindVLM(config, vision_model_path=resolve(args.clip)).to(device)
     set_trainable(model, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=4e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    dataset = VLMDataset(resolve(args.data), load_tokenizer(args.tokenizer_path), max_length=args.max_seq_len)
+    processor = MiniMindVLMProcessor.from_config(config, load_tokenizer(resolve(args.tokenizer_path)))
+    dataset = VLMDataset(resolve(args.data), processor, max_length=args.max_seq_len)
     sampler = RankSampler(dataset.lengths(show_progress=False), args.batch_size, 0, 1, args.seed)
     rows = sampler.order.global_order()[:args.warmup + args.steps]
     items = [[dataset[int(i)] for i in r] for r in rows]  # loaded up front: the step alone is timed
@@ -183,7 +187,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         batch = layouts["padded"][i]
         sync()
         t = time.perf_counter()
-        encode_images(model, batch["pixel_values"], batch["num_images"], device)
+        encode_images(model, batch["pixel_values"], batch["num_images"])
         sync()
         enc.append(time.perf_counter() - t)
     samples = sum(len(layouts["padded"][i]["index"]) for i in timed)

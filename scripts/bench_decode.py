@@ -24,6 +24,7 @@ from model import RANDOM_CLIP, TINY_CLIP
 from model.argtypes import model_width, non_negative_int, positive_int
 from model.generate import generate
 from model.model_vlm import MiniMindVLM, VLMConfig
+from model.processor import vision_geometry
 
 
 class TokenClock:
@@ -64,12 +65,12 @@ def bench_decode(args: argparse.Namespace) -> dict:
         from scripts.make_tiny_clip import make_clip
         make_clip(clip, full=clip == RANDOM_CLIP)
     torch.manual_seed(0)
-    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
+    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, **vision_geometry(clip))
     model = MiniMindVLM(config, vision_model_path=clip).to(args.device).eval()
     g = torch.Generator().manual_seed(0)
     text = torch.randint(40, config.vocab_size, (args.prompt_tokens,), generator=g)
-    ids = torch.cat([text[:8], torch.full((196,), config.image_ids[0]), text[8:]])[None].to(args.device)
-    px = torch.randn(1, 1, 3, 224, 224, generator=g).to(args.device)
+    ids = torch.cat([text[:8], torch.tensor(config.image_ids), text[8:]])[None].to(args.device)
+    px = torch.randn(1, 1, 3, config.image_size, config.image_size, generator=g).to(args.device)
     n = args.new_tokens
 
     def stock(clock):

@@ -49,9 +49,8 @@ def decode_speed(engine: Engine, rows: int, new_tokens: int) -> float:
 
 
 def build(args: argparse.Namespace, method: str, weights: Path | None):
-    from transformers import AutoTokenizer
-
     from model.model_vlm import MiniMindVLM, VLMConfig
+    from model.processor import load_tokenizer
     from model.weights import load_weights
     torch.manual_seed(0)
     model = MiniMindVLM(VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
@@ -59,7 +58,7 @@ def build(args: argparse.Namespace, method: str, weights: Path | None):
     if weights is not None:
         load_weights(model, weights)
     quantize(model, method)
-    return Engine(model, AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER)), max_batch=16)
+    return Engine(model, load_tokenizer(PROJECT_TOKENIZER), max_batch=16)
 
 
 def no_eos(engine: Engine):

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset.lm_dataset import BAD_KINDS, BadRow, VLMDataset
-from model import DEFAULT_TOKENIZER, PROJECT_TOKENIZER, resolve
+from model import DEFAULT_CLIP, DEFAULT_TOKENIZER, PROJECT_TOKENIZER, resolve
+from model.model_vlm import VLMConfig
+from model.processor import MiniMindVLMProcessor, load_tokenizer, vision_geometry
 
 BINS = [0, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 4096]
 
@@ -54,10 +56,12 @@ def histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
 
 
 def check(path: Path, tokenizer_path: Path, max_length: int, image_root: Path | None,
-          workers: int, decode_images: bool, examples: int = 5) -> int:
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    ds = VLMDataset(path, tokenizer, max_length=max_length, image_root=image_root)
+          workers: int, decode_images: bool, examples: int = 5, vision_model_path: Path | None = None) -> int:
+    """Print the report; the image geometry (input size, slot length) is vision_model_path's when that
+    folder exists, else the published one."""
+    geometry = vision_geometry(vision_model_path) if vision_model_path and (vision_model_path / "config.json").is_file() else {}
+    processor = MiniMindVLMProcessor.from_config(VLMConfig(**geometry), load_tokenizer(tokenizer_path))
+    ds = VLMDataset(path, processor, max_length=max_length, image_root=image_root)
     lengths = ds.lengths()
     logging.getLogger("minimind.data").setLevel(logging.ERROR)  # bad rows are reported below instead
     bad: dict[str, list[tuple[int, str]]] = defaultdict(list)
@@ -99,12 +103,19 @@ def main() -> None:
     ap.add_argument("--max_length", type=int, default=640)
     ap.add_argument("--image_root", default=None, help="image folder of a .jsonl file (default: <its folder>/images)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--vision_model_path", default=str(DEFAULT_CLIP),
+                    help="vision tower whose input size and slot length to check with (default geometry when absent)")
     ap.add_argument("--no_images", action="store_true", help="skip decoding images (text checks only)")
     args = ap.parse_args()
     tok = resolve(args.tokenizer_path) if args.tokenizer_path else (
         DEFAULT_TOKENIZER if (DEFAULT_TOKENIZER / "tokenizer.json").exists() else PROJECT_TOKENIZER)
-    sys.exit(check(resolve(args.path), tok, args.max_length, resolve(args.image_root) if args.image_root else None,
-                   args.workers, not args.no_images))
+    try:
+        code = check(resolve(args.path), tok, args.max_length, resolve(args.image_root) if args.image_root else None,
+                     args.workers, not args.no_images, vision_model_path=resolve(args.vision_model_path))
+    except (FileNotFoundError, ValueError) as e:  # no tokenizer / data file / vision tower, an unusable file
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 if __name__ == "__main__":

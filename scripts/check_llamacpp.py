@@ -158,10 +158,9 @@ def run(args: argparse.Namespace) -> dict:
     except ImportError:
         raise CheckError("llama-cpp-python is not installed: `pip install llama-cpp-python` builds it (CPU) from "
                          "source") from None
-    from transformers import AutoTokenizer
-
     from model.generate import generate
     from model.model_vlm import MiniMindVLM
+    from model.processor import load_tokenizer
     from model.weights import load_state
     from scripts.bench_decode import timed
     from scripts.convert_vlm import main as convert
@@ -185,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
     ours = MiniMindVLM(config)
     load_state(ours, state, src)
     ours.eval()
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = load_tokenizer(folder)
     prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     with torch.no_grad():

@@ -15,12 +15,15 @@ pick the file, and a size flag that disagrees with the file is an error.
 
 The folder loads with `eval_vlm.py --load_from FOLDER` (built from this repository's classes: none of the
 folder's code runs) and offline with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
-Like the `.pth`, it holds no CLIP vision tower: the entry points attach it from `--vision_model_path`; in
-your own code pass `vision_model_path=clip_folder` to from_pretrained (or set `model.vision_encoder =
-load_vision_encoder(clip_folder)` afterwards). config.json names the expected encoder under `vision_model`,
-for reference only. The tied lm_head is saved once
-(transformers re-ties it on load); weights are saved in fp16 like the `.pth` files, so a round trip
-is exact.
+`AutoProcessor.from_pretrained(folder, trust_remote_code=True)` gives its MiniMindVLMProcessor (tokenizer +
+image preprocessing + `<image>` expansion; the tokenizer alone loads with the stock AutoTokenizer). Like the
+`.pth`, it holds no vision tower: the entry points attach it from `--vision_model_path`; in your own code pass
+`vision_model_path=clip_folder` to from_pretrained (or call `model.attach_vision_encoder(clip_folder)`
+afterwards). config.json holds the image geometry the tower must have and names the expected encoder under
+`vision_model`, for reference. The tied lm_head is saved once (transformers re-ties it on load); weights are
+saved in fp16 like the `.pth` files, so a round trip is exact. The image geometry of a `.pth` (which has no
+config) is read from `--vision_model_path` when that folder exists, else the published one (CLIP ViT-B/16 at
+224 px).
 
 to_llava and to_llama folders load with the stock classes (`LlavaForConditionalGeneration`,
 `AutoProcessor`, `LlamaForCausalLM`) and no trust_remote_code; see model/stock_export.py for why they
@@ -40,6 +43,7 @@ from model import resolve
 from model.load import ModelLoadError, add_model_args, read_folder, read_native
 from model.model_minimind import MiniMindForCausalLM
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
+from model.processor import MiniMindVLMImageProcessor, MiniMindVLMProcessor, TokenizerNotFoundError, load_tokenizer
 from model.stock_export import StockExportError, build_llama, build_llava, build_processor, check_dense, check_moe
 from model.weights import PROJ_PREFIX, SHAPE_FLAGS, WeightError, check_shape, load_state, save_weights, weight_path
 
@@ -50,17 +54,18 @@ CLIP_HUB_ID = "openai/clip-vit-base-patch16"
 def to_hf(args: argparse.Namespace) -> Path:
     src, config, model = load_native(args, "to_hf")
     config.vision_model = CLIP_HUB_ID  # informational: the tower is not in the folder
-    # Registering makes save_pretrained copy model_vlm.py (+ its import model_minimind.py) and write auto_map.
+    # Registering makes save_pretrained copy model_vlm.py (+ its imports model_minimind.py, processor.py)
+    # and write auto_map; the processor's own auto_map points at processor.py.
     VLMConfig.register_for_auto_class()
     MiniMindVLM.register_for_auto_class("AutoModelForCausalLM")
+    MiniMindVLMProcessor.register_for_auto_class("AutoProcessor")
+    MiniMindVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
     out = resolve(args.out_dir) if args.out_dir else src.with_suffix("")
     model.to(torch.float16).save_pretrained(str(out))
-    tok_dir = resolve(args.tokenizer_path)
-    if (tok_dir / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(out))
-    else:
-        log.warning("no tokenizer at %s: the folder has none (pass --tokenizer_path when loading it)", tok_dir)
+    try:
+        MiniMindVLMProcessor.from_config(config, load_tokenizer(resolve(args.tokenizer_path))).save_pretrained(str(out))
+    except TokenizerNotFoundError as e:
+        log.warning("%s; the folder has no tokenizer or processor (pass --tokenizer_path when loading it)", e)
     print(f"wrote {out} from {src}")
     return out
 
@@ -100,12 +105,10 @@ def prepare_out_dir(out_dir: str | None, src: Path, suffix: str) -> Path:
 
 def selected_tokenizer(args: argparse.Namespace) -> Any:
     """The --tokenizer_path tokenizer, or a one-line error saying where to get one."""
-    from transformers import AutoTokenizer
-    tok_dir = resolve(args.tokenizer_path)
-    if not (tok_dir / "tokenizer.json").exists():
-        raise ModelLoadError(f"no tokenizer at {tok_dir}: pass --tokenizer_path (model/tokenizer is the project's "
-                             f"own; `python scripts/download.py tokenizer` fetches the published one)")
-    return AutoTokenizer.from_pretrained(str(tok_dir))
+    try:
+        return load_tokenizer(resolve(args.tokenizer_path))
+    except TokenizerNotFoundError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def to_llava(args: argparse.Namespace) -> Path:
@@ -116,7 +119,7 @@ def to_llava(args: argparse.Namespace) -> Path:
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ModelLoadError(f"--vision_model_path: {e}") from None
     tokenizer = selected_tokenizer(args)
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, config)
     model = build_llava(config, state, encoder)
     out = prepare_out_dir(args.out_dir, src, "-llava")
     model.save_pretrained(str(out))
@@ -166,9 +169,10 @@ out = model.generate(**inputs, max_new_tokens=100, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-Images: each image becomes 196 tokens of id 34 (the character `@`). In the chat template, `<image>` in text or
-an `{{"type": "image"}}` item marks an image; in raw text given to the processor, `@` is the marker. So a prompt
-with images cannot contain `@` as ordinary text (the processor and the model would count it as an image token).
+Images: each image becomes {len(config.image_ids)} tokens of id {config.image_token_id} (the character `@`).
+In the chat template, `<image>` in text or an `{{"type": "image"}}` item marks an image; in raw text given to
+the processor, `@` is the marker. So a prompt with images cannot contain `@` as ordinary text (the processor
+and the model would count it as an image token).
 """
     else:
         body = f"""# MiniMind ({size}) as a stock Llama model

@@ -15,7 +15,7 @@ about it. Colour is also the trap: a model can answer it by
 averaging the whole image, and once it does, nothing pushes it to find *where* the shape is. Measured
 (tiny stand-in, LM hidden 128 x 4 from scratch, batch 16, lr 1e-3, all kinds mixed from the start):
 colour and top/bottom 1.0 within 300 steps, left/right still 0.5 and two_images ~0.6 after 600
-(top/bottom can lean on where the shape's patches sit in the 196-token sequence, left/right cannot).
+(top/bottom can lean on where the shape's patches sit in the image's token sequence, left/right cannot).
 Trained on left/right questions alone, left/right reaches 1.0 in ~150 steps and stays there when
 the other kinds join. So the first stage's file holds only questions colour cannot answer:
 

@@ -41,9 +41,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.argtypes import int_range, non_negative_int, positive_float, positive_int
-from model.chat import IMAGE_MARKER, ChatInputError, check_text, encode_chat, open_image
+from model.chat import ChatInputError, check_text, encode_chat, image_tensor
 from model.engine import DEFAULT_MAX_CONTEXT, Engine, EngineBusy, EngineClosed, GenRequest, Handle
 from model.load import ModelLoadError, add_model_args, add_serve_args, load_model
+from model.processor import IMAGE_MARKER, MAX_ASPECT, MAX_IMAGE_PIXELS, MiniMindVLMProcessor
 
 log = logging.getLogger("minimind")
 
@@ -54,8 +55,8 @@ class Limits:
     max_body_mb: float = 32.0          # the whole request body, before JSON parsing
     max_images: int = 8                # images per request, counted before any is decoded
     max_image_mb: float = 10.0         # encoded bytes per image, before base64 decoding
-    max_image_pixels: int = 40_000_000  # width x height from the image header, before decoding
-    max_aspect: float = 20.0           # long side / short side, before resizing
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height from the image header, before decoding
+    max_aspect: float = MAX_ASPECT     # long side / short side, before resizing
     max_n: int = 4                     # choices per request
     max_stop: int = 4                  # stop strings per request (as OpenAI)
     max_stop_chars: int = 64
@@ -175,14 +176,13 @@ def check_options(req: ChatRequest, engine: Engine, limits: Limits) -> tuple[int
     return max_tokens, stop
 
 
-def to_chat(req: ChatRequest, limits: Limits) -> tuple[list[dict], list]:
+def to_chat(req: ChatRequest, limits: Limits, processor: MiniMindVLMProcessor) -> tuple[list[dict], list]:
     """OpenAI messages -> (messages with <image> markers, preprocessed image tensors in marker order).
     Images are counted before any is decoded, and each is decoded, checked and preprocessed on its own
     (only one decoded image is alive at a time)."""
     n_images = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
     if n_images > limits.max_images:
         raise APIError(400, f"{n_images} images: at most {limits.max_images} per request", "too_many_images")
-    from dataset.image_processing import preprocess_image
     out, images = [], []
     for m in req.messages:
         parts = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
@@ -195,8 +195,7 @@ def to_chat(req: ChatRequest, limits: Limits) -> tuple[list[dict], list]:
             else:
                 name = f"image {len(images) + 1}"
                 data = decode_data_uri(part.image_url.url, limits, name)
-                img = open_image(data, name, limits.max_image_pixels, limits.max_aspect)
-                images.append(preprocess_image(img))
+                images.append(image_tensor(processor, data, name, limits.max_image_pixels, limits.max_aspect))
                 text.append(IMAGE_MARKER)
         out.append({"role": m.role, "content": "\n".join(text)})
     return out, images
@@ -205,7 +204,7 @@ def to_chat(req: ChatRequest, limits: Limits) -> tuple[list[dict], list]:
 def prepare(req: ChatRequest, engine: Engine, limits: Limits) -> Prepared:
     """Everything before the model: option checks, images, template, tokens vs the context."""
     max_tokens, stop = check_options(req, engine, limits)
-    messages, images = to_chat(req, limits)
+    messages, images = to_chat(req, limits, engine.processor)
     if messages[-1]["role"] != "user":
         raise APIError(400, "the last message must come from the user", param="messages")
     ids, pixel_values = encode_chat(engine, messages, images)

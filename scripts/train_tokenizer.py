@@ -23,6 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import PROJECT_TOKENIZER, resolve
+from model.processor import DEFAULT_IMAGE_TOKEN_ID, DEFAULT_PATCHES, IMAGE_PLACEHOLDER, load_tokenizer
 from scripts.make_synthetic_data import corpus as task_corpus
 
 VOCAB_SIZE = 6400
@@ -52,7 +53,7 @@ CHAT_TEMPLATE = (
 def training_corpus() -> list[str]:
     from pydoc_data.topics import topics
     texts = task_corpus(seed=0) * 20 + [topics[k] for k in sorted(topics)]
-    return [t.replace("@", " ") for t in texts]  # keep '@' unmerged: image slots stay 196 x id 34
+    return [t.replace(IMAGE_PLACEHOLDER, " ") for t in texts]  # keep '@' unmerged: a slot stays one id per patch
 
 
 def train(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
@@ -73,10 +74,11 @@ def check_layout(tok: Tokenizer, vocab_size: int = VOCAB_SIZE) -> None:
     for i, s in enumerate(SPECIAL):
         if vocab.get(s) != i:
             problems.append(f"{s} is id {vocab.get(s)}, expected {i}")
-    if vocab.get("!") != 3 or vocab.get("@") != 34:
-        problems.append(f"'!' = {vocab.get('!')}, '@' = {vocab.get('@')}, expected 3 and 34")
-    if tok.encode("x " + "@" * 196 + "\n").ids.count(34) != 196:
-        problems.append("'@' * 196 does not encode to 196 ids 34")
+    at, n, slot = DEFAULT_IMAGE_TOKEN_ID, DEFAULT_PATCHES, IMAGE_PLACEHOLDER * DEFAULT_PATCHES
+    if vocab.get("!") != 3 or vocab.get(IMAGE_PLACEHOLDER) != at:
+        problems.append(f"'!' = {vocab.get('!')}, {IMAGE_PLACEHOLDER!r} = {vocab.get(IMAGE_PLACEHOLDER)}, expected 3 and {at}")
+    if tok.encode("x " + slot + "\n").ids.count(at) != n:
+        problems.append(f"an image slot ({n} x {IMAGE_PLACEHOLDER!r}) does not encode to {n} ids {at}")
     if problems:
         raise RuntimeError("tokenizer layout check failed: " + "; ".join(problems))
 
@@ -106,8 +108,7 @@ def main() -> None:
     tok = train(training_corpus())
     check_layout(tok)
     save(tok, out)
-    from transformers import AutoTokenizer  # the way every script loads it
-    hf = AutoTokenizer.from_pretrained(str(out))
+    hf = load_tokenizer(out)  # the way every script loads it
     print(f"tokenizer: {len(hf)} tokens -> {out}")
     print(hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True))
 

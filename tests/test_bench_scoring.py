@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from benchmarks.readers import iter_items
 from benchmarks.run import evaluate
 from benchmarks.scoring import encode, generate_chunk, loglik_chunk
-from dataset.image_processing import preprocess_image
-from dataset.lm_dataset import render_conversation
 from model.chat import open_image
 from model.load import load_model
+from model.processor import MiniMindVLMProcessor
 from tests import bench_fixtures as fx
 from tests.infer_helpers import model_args, png_bytes, tiny_weights
 
@@ -28,12 +27,12 @@ def tiny(tmp_path_factory, tiny_clip):
     return load_model(model_args(save_dir, tiny_clip))
 
 
-def reference_logprobs(model, tokenizer, item, images):
+def reference_logprobs(model, processor, item, images):
     """One forward pass per option, full logits, a Python loop over the option's tokens."""
-    text = render_conversation(tokenizer, item.mc_messages, add_generation_prompt=True,
-                               image_token=model.config.image_special_token)
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-    pixels = torch.stack([preprocess_image(im) for im in images])[None] if images else None
+    tokenizer = processor.tokenizer
+    prompt = tokenizer(processor.render(item.mc_messages, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]
+    pixels = torch.stack([processor.image_processor.pixels(im) for im in images])[None] if images else None
     sums, means = [], []
     for option in item.options:
         cont = tokenizer(option, add_special_tokens=False)["input_ids"]
@@ -50,14 +49,15 @@ def reference_logprobs(model, tokenizer, item, images):
 def test_batched_loglik_matches_a_per_option_loop(tiny, tmp_path):
     from scripts.make_synthetic_data import KINDS, make_dataset
     model, tok = tiny
+    processor = MiniMindVLMProcessor.from_config(model.config, tok)
     qa = make_dataset(tmp_path / "syn", seed=1, n_pretrain=1, n_sft=1, n_eval=16, eval_kinds=KINDS)["eval"]
     for path in (fx.mmstar(tmp_path / "m.parquet", n=5), qa):  # qa: some rows have two images
         items = [x for x in iter_items(path) if x.options]
         images = [[open_image(b) for b in x.images] for x in items]
         with torch.inference_mode():
-            got = loglik_chunk(model, tok, items, encode(model, images), max_rows=3)  # several passes
+            got = loglik_chunk(model, processor, items, encode(model, processor, images), max_rows=3)  # several passes
             for item, ims, g in zip(items, images, got):
-                sums, means = reference_logprobs(model, tok, item, ims)
+                sums, means = reference_logprobs(model, processor, item, ims)
                 assert g["sum"] == pytest.approx(sums, abs=5e-4)
                 assert g["mean"] == pytest.approx(means, abs=5e-4)
                 assert g["pick_sum"] == max(range(len(sums)), key=sums.__getitem__)
@@ -125,8 +125,9 @@ def test_batched_generation_matches_one_question_at_a_time(tiny_clip, tmp_path):
     model, tok = load_model(model_args(tmp_path, tiny_clip))
     items = list(iter_items(fx.scienceqa(tmp_path / "s.parquet", n=4)))  # prompts of different lengths
     images = [[open_image(b) for b in x.images] for x in items]
-    batched = generate_chunk(model, tok, items, images, max_new_tokens=6)
-    single = [generate_chunk(model, tok, [x], [im], max_new_tokens=6)[0] for x, im in zip(items, images)]
+    processor = MiniMindVLMProcessor.from_config(model.config, tok)
+    batched = generate_chunk(model, processor, items, images, max_new_tokens=6)
+    single = [generate_chunk(model, processor, [x], [im], max_new_tokens=6)[0] for x, im in zip(items, images)]
     assert batched == single and sum(bool(x) for x in batched) >= 2
 
 

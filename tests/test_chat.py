@@ -6,22 +6,20 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.image_processing import preprocess_image
 from model.chat import ChatInputError, encode_chat, open_image
+from model.processor import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_clip):
-    from transformers import AutoTokenizer
-
     from model import PROJECT_TOKENIZER
     from model.engine import Engine
     from model.model_vlm import MiniMindVLM, VLMConfig
     torch.manual_seed(0)
     model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip).eval()
-    eng = Engine(model, AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER)), max_batch=2, max_context=600)
+    eng = Engine(model, load_tokenizer(PROJECT_TOKENIZER), max_batch=2, max_context=600)
     yield eng
     eng.close()
 
@@ -41,13 +39,13 @@ def png(size: tuple[int, int]) -> bytes:
 
 
 def test_encode_chat_ids_and_pixels(engine):
-    from dataset.lm_dataset import render_conversation
+    from model.processor import render_conversation
     chat = user("First <image> then <image>: which is red?")
     ids, px = encode_chat(engine, chat, [image(2), image(3)])
-    text = render_conversation(engine.tokenizer, chat, add_generation_prompt=True, image_token="@" * 196)
+    text = render_conversation(engine.tokenizer, chat, add_generation_prompt=True, image_text="@" * 196)
     assert ids == engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids.count(34) == 2 * 196
-    assert px.shape == (2, 3, 224, 224) and torch.equal(px[1], preprocess_image(image(3)))
+    assert px.shape == (2, 3, 224, 224) and torch.equal(px[1], engine.processor.image_processor.pixels(image(3)))
     assert encode_chat(engine, user("hello"), [])[1] is None  # no image, no pixel tensor
 
 
@@ -66,15 +64,18 @@ def test_bad_chats_are_refused(engine, chat, images, match):
 
 
 def test_image_headers_are_checked_before_decoding(monkeypatch):
-    import model.chat as chat
+    from PIL import PngImagePlugin
     decoded = []
-    monkeypatch.setattr(chat, "load_image", lambda src: decoded.append(src) or Image.new("RGB", (8, 8)))
-    with pytest.raises(ChatInputError, match="aspect ratio"):
+    load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: decoded.append(self.size) or load(self))
+    with pytest.raises(ChatInputError, match="aspect ratio") as e:
         open_image(png((1, 20000)))                  # resized, this would be 224 x 4.5 million pixels
-    with pytest.raises(ChatInputError, match="too large"):
+    assert e.value.code == "invalid_image"
+    with pytest.raises(ChatInputError, match="too large") as e:
         open_image(png((8000, 8000)), max_pixels=10_000_000)
+    assert e.value.code == "image_too_large"
     with pytest.raises(ChatInputError, match="not an image"):
         open_image(b"definitely not an image")
     assert decoded == []                             # none of them was decoded
-    open_image(png((40, 30)))
-    assert len(decoded) == 1
+    assert open_image(png((40, 30))).size == (40, 30)
+    assert set(decoded) == {(40, 30)}

@@ -8,6 +8,7 @@ import torch
 
 from model.chat import build_inputs
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
+from model.processor import MiniMindVLMProcessor
 from model.weights import load_weights, read_state_dict
 from scripts.check_llamacpp import random_lm
 from scripts.convert_vlm import main as convert
@@ -89,7 +90,7 @@ def test_llava_logits_equal_ours(exported, chat):
     imgs = images()[:n]
     inputs = llava_inputs(processor, messages, imgs)
     # Same ids as our own chat pipeline; images become 196 ids 34 each.
-    our_ids, our_px = build_inputs(processor.tokenizer, messages, imgs, "@" * 196)
+    our_ids, our_px = build_inputs(MiniMindVLMProcessor.from_config(ours.config, processor.tokenizer), messages, imgs)
     assert torch.equal(inputs["input_ids"], our_ids)
     assert int((our_ids == 34).sum()) == 196 * n
     if n:
@@ -132,12 +133,13 @@ def test_llava_generate_gives_our_tokens(exported):
 
 
 def test_llava_chat_template_matches_the_tokenizer(exported):
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
 
     from model import PROJECT_TOKENIZER
+    from model.processor import load_tokenizer
     d = exported[0] / "llava"
     processor = AutoProcessor.from_pretrained(str(d))
-    tok = AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER))
+    tok = load_tokenizer(PROJECT_TOKENIZER)
     for messages, _ in CHATS.values():
         plain = [{**m, "content": m["content"].replace("<image>", "@")} for m in messages]
         assert processor.apply_chat_template(messages, add_generation_prompt=True) == \

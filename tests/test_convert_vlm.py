@@ -1,4 +1,6 @@
 """scripts/convert_vlm.py: .pth -> transformers folder -> .pth, identical logits, usable by eval_vlm.py."""
+import json
+
 import pytest
 import torch
 
@@ -89,3 +91,64 @@ def test_missing_inputs_are_clear_errors(tmp_path, tiny_clip, capsys):
     assert "weight file not found" in capsys.readouterr().err
     assert convert(["to_pth", *flags, "--load_from", str(tmp_path)]) == 2
     assert "transformers model folder" in capsys.readouterr().err
+
+
+def test_processor_in_the_folder_drives_generate(converted, tiny_clip):
+    """AutoProcessor (remote code: tokenizer + image processor + <image> expansion) and then
+    model.generate(**processor(text=..., images=...)); the tokenizer alone is a stock class."""
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+    from model.processor import load_tokenizer
+    d, src, _ = converted
+    folder = str(d / "hf")
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # no custom tokenizer code
+    assert type(tok).__module__.startswith("transformers.") and tok("@" * 3)["input_ids"] == [34] * 3
+    assert "AutoTokenizer" not in json.loads((d / "hf" / "tokenizer_config.json").read_text()).get("auto_map", {})
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                 vision_model_path=tiny_clip).eval()
+    red, blue = Image.new("RGB", (64, 48), (220, 30, 30)), Image.new("RGB", (30, 60), (30, 60, 220))
+    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+             [{"role": "user", "content": "Compare <image> with <image>."}]]
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    assert texts[0].endswith("<image>\nColour?<|im_end|>\n<|im_start|>assistant\n")
+    inputs = processor(text=texts, images=[red, red, blue], return_tensors="pt", padding=True, padding_side="left")
+    assert inputs["pixel_values"].shape == (2, 2, 3, 224, 224) and inputs["num_images"].tolist() == [1, 2]
+    assert (inputs["input_ids"] == 34).sum(1).tolist() == [196, 392]
+    with torch.no_grad():
+        batched = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)[:, inputs["input_ids"].shape[1]:]
+        one = processor(text=texts[1], images=[red, blue], return_tensors="pt")
+        alone = model.generate(**one, max_new_tokens=5, do_sample=False, pad_token_id=0)[:, one["input_ids"].shape[1]:]
+    assert torch.equal(batched[1], alone[0])
+    # the same ids and pixels as the project's own chat pipeline
+    from model.chat import build_inputs
+    from model.processor import MiniMindVLMProcessor
+    ours = MiniMindVLMProcessor.from_config(model.config, load_tokenizer(d / "hf"))
+    ids, px = build_inputs(ours, chats[1], [red, blue])
+    assert torch.equal(ids, one["input_ids"]) and torch.equal(px, one["pixel_values"])
+    with pytest.raises(ValueError, match="1 <image> marker.* but 2 image"):
+        processor(text="one <image> only", images=[red, blue])
+
+
+def test_images_without_slots_are_refused_not_dropped(converted, tiny_clip):
+    """generate with pixel_values but a prompt without image slots used to run, the image ignored."""
+    from transformers import AutoModelForCausalLM
+    d, _, _ = converted
+    model = AutoModelForCausalLM.from_pretrained(str(d / "hf"), trust_remote_code=True, dtype=torch.float32,
+                                                 vision_model_path=tiny_clip).eval()
+    with pytest.raises(ValueError, match="sample 0 has 0 image slot.* but 1 image"):
+        model.generate(torch.tensor([[1, 5, 6, 7]]), pixel_values=torch.zeros(1, 1, 3, 224, 224), max_new_tokens=2)
+
+
+def test_processor_refuses_a_hostile_image_before_resizing(converted):
+    import io
+
+    from PIL import Image
+    from transformers import AutoProcessor
+    d, _, _ = converted
+    processor = AutoProcessor.from_pretrained(str(d / "hf"), trust_remote_code=True)
+    buf = io.BytesIO()
+    Image.new("L", (1, 20000), 128).save(buf, format="PNG")
+    with Image.open(buf) as tall, pytest.raises(ValueError, match="aspect ratio over 20:1"):
+        processor(text="<image> what?", images=[tall])

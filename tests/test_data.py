@@ -11,28 +11,32 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dataset.lm_dataset import IGNORE, BadRowStats, LengthGroupedSampler, VLMDataset, collate_fn, render_conversation
+from dataset.lm_dataset import BadRowStats, LengthGroupedSampler, VLMDataset, collate_fn
 from model import PROJECT_TOKENIZER
+from model.processor import IGNORE_INDEX, load_tokenizer, render_conversation
 
 SLOT = [34] * 196
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER))
+    return load_tokenizer(PROJECT_TOKENIZER)
 
 
 @pytest.fixture(scope="module")
 def fixture_tok(fixture_tokenizer_path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    return load_tokenizer(fixture_tokenizer_path)
 
 
-def png(colour=(200, 30, 30), size=(32, 24)) -> bytes:
+def png(colour=(200, 30, 30), size=(32, 24), mode="RGB") -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
+    Image.new(mode, size, colour if mode == "RGB" else colour[0]).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# 1 x 20000 grey: ~120 bytes that pass a pixel-count limit, but resizing the short side to the model's
+# input size would ask ~18 GB. The decoder refuses it from the header (aspect ratio over 20:1).
+TALL = png((128, 128, 128), (1, 20000), mode="L")
 
 
 def conv(*turns: str) -> list[dict]:
@@ -63,7 +67,7 @@ def test_single_turn_labels_by_hand(tok, tmp_path):
               + ids_of(tok, "\nWhat colour?<|im_end|>\n<|im_start|>assistant\n"))
     reply = ids_of(tok, "red<|im_end|>\n")
     assert item["input_ids"].tolist() == prefix + reply
-    assert item["labels"].tolist() == [IGNORE] * len(prefix) + reply
+    assert item["labels"].tolist() == [IGNORE_INDEX] * len(prefix) + reply
     assert reply[-2:] == [2, ids_of(tok, "\n")[0]]
     assert item["pixel_values"].shape == (1, 3, 224, 224)
 
@@ -78,7 +82,7 @@ def test_multi_turn_labels_by_hand(tok, tmp_path):
               (False, ids_of(tok, "<|im_start|>user\nLeft or right?<|im_end|>\n<|im_start|>assistant\n")),
               (True, ids_of(tok, "left<|im_end|>\n"))]
     assert item["input_ids"].tolist() == [i for _, p in pieces for i in p]
-    assert item["labels"].tolist() == [i if sup else IGNORE for sup, p in pieces for i in p]
+    assert item["labels"].tolist() == [i if sup else IGNORE_INDEX for sup, p in pieces for i in p]
 
 
 def test_two_images_labels_by_hand(tok, tmp_path):
@@ -89,7 +93,7 @@ def test_two_images_labels_by_hand(tok, tmp_path):
               + ids_of(tok, "\n") + SLOT + ids_of(tok, "\nFirst colour?<|im_end|>\n<|im_start|>assistant\n"))
     reply = ids_of(tok, "blue<|im_end|>\n")
     assert item["input_ids"].tolist() == prefix + reply
-    assert item["labels"].tolist() == [IGNORE] * len(prefix) + reply
+    assert item["labels"].tolist() == [IGNORE_INDEX] * len(prefix) + reply
     pv = item["pixel_values"]
     assert pv.shape == (2, 3, 224, 224)
     assert pv[0, 2].mean() > pv[1, 2].mean()  # images kept in order: the first is the blue one
@@ -101,14 +105,14 @@ def test_system_message_and_stray_at_sign(tok, tmp_path):
     item = VLMDataset(path, tok)[0]
     text = tok.decode(item["input_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    assert tok.decode(item["input_ids"][item["labels"] != IGNORE]) == "ok @ once<|im_end|>\n"
+    assert tok.decode(item["input_ids"][item["labels"] != IGNORE_INDEX]) == "ok @ once<|im_end|>\n"
 
 
 # ---- compatibility with the original pipeline and the published tokenizer -----------------
 def original_labels(ids: list[int], header: list[int], closer: list[int]) -> list[int]:
     """The published VLMDataset's label rule, restated: scan for `<|im_start|>assistant\\n`, label
     every id up to and including the next `<|im_end|>\\n`."""
-    labels, i = [IGNORE] * len(ids), 0
+    labels, i = [IGNORE_INDEX] * len(ids), 0
     while i < len(ids):
         if ids[i:i + len(header)] == header:
             start = end = i + len(header)
@@ -166,7 +170,7 @@ def test_project_and_published_tokenizers_agree_on_layout(tok, fixture_tok):
         la = assistant_labels(torch.tensor(ia), ids_of(tok, "<|im_start|>assistant\n"), ids_of(tok, "<|im_end|>\n"))
         lb = assistant_labels(torch.tensor(ib), ids_of(fixture_tok, "<|im_start|>assistant\n"),
                               ids_of(fixture_tok, "<|im_end|>\n"))
-        assert tok.decode(torch.tensor(ia)[la != IGNORE]) == fixture_tok.decode(torch.tensor(ib)[lb != IGNORE])
+        assert tok.decode(torch.tensor(ia)[la != IGNORE_INDEX]) == fixture_tok.decode(torch.tensor(ib)[lb != IGNORE_INDEX])
     for t in (tok, fixture_tok):
         assert [t.pad_token_id, t.bos_token_id, t.eos_token_id] == [0, 1, 2]
         assert t.convert_tokens_to_ids("@") == 34
@@ -229,13 +233,15 @@ def bad_parquet(tmp_path):
         (conv("<image><image>\ntwo?", "yes"), [png()]),               # 6 image_count (2 markers, 1 image)
         (conv("<image>\nhi", "no image at all"), []),                 # 7 image_count (0 images)
         ('{"role": "user"}', [png()]),                                # 8 json (not a list)
-        (GOOD, [png()]),                                              # 9 good
+        (GOOD, [TALL]),                                               # 9 image_too_large (aspect ratio)
+        (GOOD, [png()]),                                              # 10 good
     ]
     return write_parquet(tmp_path / "bad.parquet", rows)
 
 
 EXPECTED_BAD = {1: "image_decode", 2: "json", 3: "conversation", 4: "conversation", 5: "conversation",
-                6: "image_count", 7: "image_count", 8: "json"}
+                6: "image_count", 7: "image_count", 8: "json", 9: "image_too_large"}
+GOOD_ROWS = {0, 10}
 
 
 def test_each_bad_row_kind_is_skipped_with_one_warning(tok, tmp_path, caplog):
@@ -246,14 +252,14 @@ def test_each_bad_row_kind_is_skipped_with_one_warning(tok, tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="minimind.data"):
             item = ds[row]
         assert item["skipped"][0] == (row, kind)
-        assert item["index"] == 9  # every bad row falls through to the next good one
+        assert item["index"] == 10  # every bad row falls through to the next good one
         assert f"{path} row {row}: skipped ({kind})" in caplog.text
         assert len([r for r in caplog.records if f"row {row}:" in r.getMessage()]) == 1
     ds[1]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="minimind.data"):
         item = ds[1]  # again: still skipped and reported, but not logged twice
-    assert [k for _, k in item["skipped"]] == [EXPECTED_BAD[r] for r in range(1, 9)] and not caplog.records
+    assert [k for _, k in item["skipped"]] == [EXPECTED_BAD[r] for r in range(1, 10)] and not caplog.records
 
 
 def test_loader_never_crashes_and_summarises_bad_rows(tok, tmp_path):
@@ -264,10 +270,11 @@ def test_loader_never_crashes_and_summarises_bad_rows(tok, tmp_path):
     for batch in loader:
         stats.update(batch)
         seen += len(batch["input_ids"])
-        assert set(batch["index"].tolist()) <= {0, 9}
+        assert set(batch["index"].tolist()) <= GOOD_ROWS
     assert seen == len(ds)  # batch shapes never change
-    assert stats.counts() == {"json": 2, "conversation": 3, "image_count": 2, "image_decode": 1}
-    assert stats.summary() == "bad.parquet: skipped 8 bad row(s): json 2, conversation 3, image_count 2, image_decode 1"
+    assert stats.counts() == {"json": 2, "conversation": 3, "image_count": 2, "image_decode": 1, "image_too_large": 1}
+    assert stats.summary() == ("bad.parquet: skipped 9 bad row(s): json 2, conversation 3, image_count 2, "
+                               "image_decode 1, image_too_large 1")
     stats.reset()
     assert stats.summary() == "bad.parquet: no bad rows"
 
@@ -299,6 +306,30 @@ def test_jsonl_with_image_folder(tok, tmp_path):
     two = ds[1]["pixel_values"]
     assert two.shape == (2, 3, 224, 224) and two[0, 2].mean() > two[1, 2].mean()  # b (blue) first
     assert ds[2]["skipped"] == [(2, "image_missing"), (3, "json")] and ds[2]["index"] == 4
+
+
+def test_jsonl_image_paths_stay_inside_the_image_folder(tok, tmp_path, caplog):
+    """`..`, absolute paths and symlinks out of the folder are skipped, counted rows (never opened)."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "a.png").write_bytes(png())
+    (imgs / "sub").mkdir()
+    (imgs / "sub" / "b.png").write_bytes(png())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png())
+    (imgs / "link.png").symlink_to(outside)
+    (imgs / "inner_link.png").symlink_to(imgs / "a.png")  # a link that stays inside is fine
+    names = ["../outside.png", str(outside), "link.png", "/etc/passwd", "sub/../../outside.png", "a\x00.png",
+             "a.png", "sub/b.png", "inner_link.png"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"conversations": conv("<image>\nq", "a"), "image": n}) + "\n" for n in names))
+    ds = VLMDataset(path, tok, image_root=imgs)
+    with caplog.at_level(logging.WARNING, logger="minimind.data"):
+        item = ds[0]
+    assert item["index"] == 6 and item["skipped"] == [(i, "image_path") for i in range(6)]
+    assert f"{path} row 3: skipped (image_path): image '/etc/passwd' is outside the image folder" in caplog.text
+    assert "row 0: skipped (image_path): image '../outside.png'" in caplog.text
+    assert ds[7]["index"] == 7 and ds[8]["index"] == 8 and not ds[8]["skipped"]
 
 
 def test_parquet_binary_and_list_columns_agree(tok, tmp_path):
@@ -333,7 +364,7 @@ def test_collate_pads_to_the_longest_row(tok, tmp_path):
         n = lens[i]
         assert b["input_ids"][i, :n].tolist() == it["input_ids"].tolist()
         assert b["labels"][i, :n].tolist() == it["labels"].tolist()
-        assert (b["input_ids"][i, n:] == 0).all() and (b["labels"][i, n:] == IGNORE).all()
+        assert (b["input_ids"][i, n:] == 0).all() and (b["labels"][i, n:] == IGNORE_INDEX).all()
         assert (b["attention_mask"][i, n:] == 0).all()
     assert b["pixel_values"].shape == (B, 2, 3, 224, 224)
     assert b["num_images"].tolist() == [1, 2, 0]

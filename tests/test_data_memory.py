@@ -79,11 +79,11 @@ def probe_collate(items):
 
 
 def test_four_workers_stay_within_the_memory_bound(tmp_path):
-    from transformers import AutoTokenizer
+    from model.processor import load_tokenizer
     path = big_parquet(tmp_path / "big.parquet")
     size_mb = path.stat().st_size / 2**20
     assert size_mb > 2.5 * BOUND_MB
-    tok = AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER))
+    tok = load_tokenizer(PROJECT_TOKENIZER)
     before = anonymous_mb()
     ds = VLMDataset(path, tok, max_length=640)
     assert anonymous_mb() - before < BOUND_MB

@@ -132,4 +132,5 @@ def test_check_data_on_good_and_bad_files(synthetic, tmp_path, capsys):
     out = capsys.readouterr().out
     for kind, n in Counter(EXPECTED_BAD.values()).items():
         assert f"  {kind:14s} {n}" in out
-    assert "rows          10 (2 usable, 8 bad)" in out
+    assert "rows          11 (2 usable, 9 bad)" in out
+    assert "aspect ratio over 20:1" in out  # the 1 x 20000 image: reported, never resized (no MemoryError)

@@ -25,10 +25,9 @@ def model(tiny_clip):
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-
     from model import PROJECT_TOKENIZER
-    return AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER))
+    from model.processor import load_tokenizer
+    return load_tokenizer(PROJECT_TOKENIZER)
 
 
 @pytest.fixture

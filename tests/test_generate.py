@@ -88,7 +88,9 @@ def test_multi_image_rows_with_spare_images(model):
     two, one = prompt(6, 12, n_images=2), prompt(7, 12, n_images=1)
     px = torch.cat([pixels(6, 2), torch.cat([pixels(7), torch.zeros(1, 1, 3, 224, 224)], dim=1)])
     ids, mask = left_pad([two, one])
-    batched = generate(model, ids, mask, px, max_new_tokens=6, eos_token_id=None)
+    with pytest.raises(ValueError, match="sample 1 has 1 image slot"):  # the zero padding is no image
+        generate(model, ids, mask, px, max_new_tokens=6, eos_token_id=None)
+    batched = generate(model, ids, mask, px, max_new_tokens=6, eos_token_id=None, num_images=torch.tensor([2, 1]))
     assert torch.equal(batched[0], generate(model, two, pixel_values=px[:1], max_new_tokens=6, eos_token_id=None)[0])
     assert torch.equal(batched[1], generate(model, one, pixel_values=px[1:, :1], max_new_tokens=6, eos_token_id=None)[0])
 
@@ -142,8 +144,8 @@ def test_fast_sampling_reproducible_and_num_return_sequences(model):
 
 
 def test_stream_text_pieces_join_to_the_decoded_answer(model, fixture_tokenizer_path):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    from model.processor import load_tokenizer
+    tok = load_tokenizer(fixture_tokenizer_path)
     ids, px = prompt(11, 20), pixels(11)
     stats = {}
     pieces = list(stream_text(model, tok, ids, px, max_new_tokens=30, stats=stats))
@@ -156,7 +158,9 @@ def test_stream_text_pieces_join_to_the_decoded_answer(model, fixture_tokenizer_
 # ----------------------------------------------------- transformers' stock generate with this model
 
 def test_hf_generate_encodes_images_once_and_supports_sampling_streaming(model, fixture_tokenizer_path):
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
+
+    from model.processor import load_tokenizer
     ids, px = prompt(12, 10), pixels(12)
     calls = []
     forward = model.vision_encoder.forward
@@ -170,7 +174,7 @@ def test_hf_generate_encodes_images_once_and_supports_sampling_streaming(model, 
         model.vision_encoder.forward = forward
     assert out.shape[0] == 2 and len(calls) == 1  # pixel_values dropped after prefill by transformers
 
-    tok = AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    tok = load_tokenizer(fixture_tokenizer_path)
 
     class Capture(TextStreamer):
         text = ""

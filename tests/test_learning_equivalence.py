@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from dataset.lm_dataset import VLMDataset
 from model import PROJECT_TOKENIZER
 from model.model_vlm import MiniMindVLM, VLMConfig
+from model.processor import load_tokenizer
 from model.weights import load_weights, save_weights
 from tests.train_helpers import make_data, metrics, tiny_flags
 from trainer.data import RankSampler
 from trainer.recipe import get_lr, set_trainable
-from trainer.train_loop import load_tokenizer, main
+from trainer.train_loop import main
 
 HIDDEN, LAYERS, BATCH, EPOCHS, LR = 64, 2, 4, 3, 2e-3
 TOLERANCE = 1e-4  # on losses of 5-9 (measured: ~5e-7); a changed batch or a wrong mask moves them by 1e-2 or more
@@ -64,7 +65,8 @@ def plain_loop(data, clip, init, fp16_features: bool = False) -> list[float]:
             feats = model.encode_images(pixels)
             if fp16_features:
                 feats = feats.half().float()
-            logits = model(input_ids=ids, image_features=feats).logits
+            num_images = torch.tensor([len(it["pixel_values"]) for it in items])  # the rest is padding
+            logits = model(input_ids=ids, image_features=feats, num_images=num_images).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
             loss.backward()

@@ -1,9 +1,11 @@
 """The VLM: vision tower loading, the image splice, strict weight files, the tokenizer layout."""
 import pytest
 import torch
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-from model.model_vlm import PATCHES, MiniMindVLM, VLMConfig, image_slots
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.processor import DEFAULT_PATCHES as PATCHES
+from model.processor import image_slots, load_tokenizer
 from model.weights import WeightMismatchError, export_state_dict, load_weights, save_weights, weight_path
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -53,7 +55,7 @@ def test_splice_matches_reference_on_hard_cases(vlm):
     ids = build(rows)
     feats = torch.randn(len(rows), 2, PATCHES, 768)
     with torch.no_grad():
-        got = vlm.embed(ids, image_features=feats)
+        got = vlm.embed(ids, image_features=feats, num_images=torch.tensor([1, 0, 2, 1, 2]))
         assert torch.allclose(got, reference_splice(vlm, ids, feats), atol=1e-6)
     in_slot, idx, patch = image_slots(ids, AT)
     assert in_slot.sum(1).tolist() == [196, 0, 392, 196, 392]
@@ -94,9 +96,42 @@ def test_image_changes_only_later_positions(vlm):
 def test_more_slots_than_images_names_the_sample(vlm):
     ids = build([text(3), text(2) + [AT] * PATCHES * 2])
     with pytest.raises(ValueError, match="sample 1 has 2 image slot"):
-        vlm(ids, pixel_values=torch.zeros(2, 1, 3, 224, 224))
+        vlm(ids, pixel_values=torch.zeros(2, 1, 3, 224, 224), num_images=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="sample 1"):
         vlm(ids)
+
+
+def test_images_without_slots_are_an_error_not_dropped(vlm):
+    """More images than slots used to run, the extra images silently ignored."""
+    with pytest.raises(ValueError, match="sample 0 has 0 image slot.* but 2 image"):
+        vlm(torch.tensor([[1, 5, 6, 7]]), pixel_values=torch.zeros(1, 2, 3, 224, 224))
+    ids = build([text(3) + [AT] * PATCHES, text(4)])
+    with pytest.raises(ValueError, match="sample 1 has 0 image slot.* but 1 image"):
+        vlm(ids, pixel_values=torch.zeros(2, 1, 3, 224, 224))
+
+
+def test_num_images_marks_zero_padding(vlm):
+    """A batch's zero-padded image places are not images: num_images says how many are real, and only
+    those are encoded; the result is what each sample gives alone."""
+    a = torch.tensor([text(3) + [AT] * PATCHES + text(2) + [AT] * PATCHES])
+    b = torch.tensor([text(3) + [AT] * PATCHES + text(2) + [9] * PATCHES])
+    pv = torch.randn(2, 2, 3, 224, 224)
+    pv[1, 1] = 0.0  # padding
+    calls = []
+    hook = vlm.vision_encoder.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["pixel_values"].shape[0]),
+                                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            both = vlm(torch.cat([a, b]), pixel_values=pv, num_images=torch.tensor([2, 1])).logits
+            alone = [vlm(a, pixel_values=pv[:1]).logits, vlm(b, pixel_values=pv[1:, :1]).logits]
+    finally:
+        hook.remove()
+    assert calls[0] == 3  # the padding was not encoded
+    assert torch.allclose(both[0], alone[0][0], atol=1e-5) and torch.allclose(both[1], alone[1][0], atol=1e-5)
+    with pytest.raises(ValueError, match="sample 1 has 1 image slot.* but 2 image"):
+        vlm(torch.cat([a, b]), pixel_values=pv)  # without num_images every given image counts
+    with pytest.raises(ValueError, match="num_images"):
+        vlm(torch.cat([a, b]), pixel_values=pv, num_images=torch.tensor([3, 1]))
 
 
 def test_images_without_vision_encoder_is_an_error():
@@ -207,7 +242,7 @@ def test_safetensors_and_ddp_prefixed_files_load(vlm, tmp_path):
 
 
 def test_published_tokenizer_layout(fixture_tokenizer_path):
-    tok = AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    tok = load_tokenizer(fixture_tokenizer_path)
     cfg = VLMConfig()
     assert tok.convert_tokens_to_ids("@") == AT
     assert tok(cfg.image_special_token, add_special_tokens=False)["input_ids"] == cfg.image_ids == [AT] * PATCHES

@@ -4,12 +4,13 @@ import random
 import pytest
 import torch
 
-from dataset.lm_dataset import IGNORE, PAD_ID, VLMDataset, collate_fn, collate_packed, first_fit_packs
+from dataset.lm_dataset import PAD_ID, VLMDataset, collate_fn, collate_packed, first_fit_packs
 from model import PROJECT_TOKENIZER
 from model.model_minimind import segment_attention_mask
 from model.model_vlm import MiniMindVLM, VLMConfig
+from model.processor import IGNORE_INDEX, load_tokenizer
 from tests.train_helpers import make_data
-from trainer.train_loop import batch_loss, load_tokenizer
+from trainer.train_loop import batch_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,11 +59,11 @@ def test_packed_layout_holds_each_row_intact(items):
         assert torch.equal(cols, torch.arange(int(cols[0]), int(cols[0]) + len(cols)))  # contiguous
         assert torch.equal(packed["input_ids"][p, cols], it["input_ids"])
         assert torch.equal(packed["labels"][p, cols[1:]], it["labels"][1:])
-        assert packed["labels"][p, cols[0]] == IGNORE and it["labels"][0] == IGNORE
+        assert packed["labels"][p, cols[0]] == IGNORE_INDEX and it["labels"][0] == IGNORE_INDEX
         assert torch.equal(packed["position_ids"][p, cols], torch.arange(len(cols)))
         seen.append((p, int(cols[0]), b))
     pads = packed["segment_ids"] == 0
-    assert (packed["input_ids"][pads] == PAD_ID).all() and (packed["labels"][pads] == IGNORE).all()
+    assert (packed["input_ids"][pads] == PAD_ID).all() and (packed["labels"][pads] == IGNORE_INDEX).all()
     assert torch.equal(packed["attention_mask"].bool(), ~pads)
     # a pack's images are its rows' images, in the order its rows (and so its image slots) come
     for p in range(packed["input_ids"].shape[0]):
@@ -89,10 +90,11 @@ def test_packed_rows_compute_what_they_compute_alone(items, tiny_clip):
     model = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip).eval()
     packed = collate_packed(items, capacity=640)
     with torch.no_grad():
-        feats = model.encode_images(packed["pixel_values"])
+        feats = model.encode_images(packed["pixel_values"], packed["num_images"])
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                        attention_mask=segment_attention_mask(packed["segment_ids"]),
-                       image_features=feats[packed["image_row"], packed["image_pos"]]).logits
+                       image_features=feats[packed["image_row"], packed["image_pos"]],
+                       num_images=packed["pack_num_images"]).logits
         for b, it in enumerate(items):
             alone = model(input_ids=it["input_ids"][None], pixel_values=it["pixel_values"][None]).logits[0]
             p, cols = (packed["segment_ids"] == b + 1).nonzero(as_tuple=True)

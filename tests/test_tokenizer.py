@@ -17,8 +17,8 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(PROJECT_TOKENIZER))
+    from model.processor import load_tokenizer
+    return load_tokenizer(PROJECT_TOKENIZER)
 
 
 def test_layout(tok):
@@ -54,15 +54,15 @@ def test_chat_template_by_hand(tok):
 @pytest.mark.parametrize("i", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("gen", [False, True])
 def test_chat_template_matches_the_published_one(tok, fixture_tokenizer_path, i, gen):
-    from transformers import AutoTokenizer
-    ref = AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    from model.processor import load_tokenizer
+    ref = load_tokenizer(fixture_tokenizer_path)
     assert tok.apply_chat_template(CONVERSATIONS[i], tokenize=False, add_generation_prompt=gen) == \
         ref.apply_chat_template(CONVERSATIONS[i], tokenize=False, add_generation_prompt=gen)
 
 
 def test_same_alphabet_and_special_ids_as_the_published(tok, fixture_tokenizer_path):
-    from transformers import AutoTokenizer
-    ref = AutoTokenizer.from_pretrained(str(fixture_tokenizer_path))
+    from model.processor import load_tokenizer
+    ref = load_tokenizer(fixture_tokenizer_path)
     assert tok.convert_ids_to_tokens(list(range(259))) == ref.convert_ids_to_tokens(list(range(259)))
     assert len(tok) == len(ref)
 

@@ -1,7 +1,7 @@
 """Opt-in on-disk cache of the frozen vision encoder's patch features (`--feature_cache DIR`).
 
-CLIP is frozen, so an image's [196, 768] features never change: a multi-epoch run computes them
-once (first epoch) and reads them back afterwards. One `.npy` file (fp16, [N, 196, 768]) per
+The vision tower is frozen, so an image's [patches, width] features never change: a multi-epoch run
+computes them once (first epoch) and reads them back afterwards. One `.npy` file (fp16, [N, patches, width]) per
 dataset row, in folders of 4096 rows, each written atomically; `meta.json` fingerprints the data
 file and the encoder so a cache is never reused for other data.
 
@@ -70,7 +70,7 @@ class FeatureCache:
 
     def features(self, indices: list[int], num_images: torch.Tensor, pixel_values: torch.Tensor | None,
                  encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
-        """[B, Nmax, 196, 768] fp16 features of a batch: cached rows are read, the others encoded in
+        """[B, Nmax, patches, width] fp16 features of a batch: cached rows are read, the others encoded in
         one call (`encode(pixel_values[rows], num_images[rows])`) and stored. None without images."""
         n_max = int(num_images.max()) if len(num_images) else 0
         if n_max == 0:

@@ -35,6 +35,7 @@ from benchmarks.training import due as eval_due
 from model import DATA_DIR, DEFAULT_CLIP, DEFAULT_TOKENIZER, OUT_DIR, resolve
 from model.model_minimind import segment_attention_mask
 from model.model_vlm import MiniMindVLM, VLMConfig
+from model.processor import MiniMindVLMProcessor, load_tokenizer, vision_geometry
 from model.weights import VISION_PREFIX, load_weights, save_weights, weight_path
 from trainer import checkpoint as ckpt
 from trainer.data import RankSampler, make_loader
@@ -170,18 +171,11 @@ def from_weight_file(name: str, save_dir: Path, hidden: int, moe: bool) -> Path 
     return p
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-    p = resolve(path)
-    if not (p / "tokenizer_config.json").exists() and not (p / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer at {p}: download the published one (python scripts/download.py) "
-                                f"or pass --tokenizer_path model/tokenizer (the project's own)")
-    return AutoTokenizer.from_pretrained(str(p))
-
-
 def build_model(args: argparse.Namespace, env: Env, weights: Path | None) -> MiniMindVLM:
-    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe))
-    model = MiniMindVLM(config, vision_model_path=resolve(args.vision_model_path))
+    tower = resolve(args.vision_model_path)  # the model's image geometry is the tower's own
+    config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                       use_moe=bool(args.use_moe), **vision_geometry(tower))
+    model = MiniMindVLM(config, vision_model_path=tower)
     if weights is not None:
         load_weights(model, weights)
     set_trainable(model, args.freeze_llm)
@@ -189,32 +183,32 @@ def build_model(args: argparse.Namespace, env: Env, weights: Path | None) -> Min
 
 
 # ---------------------------------------------------------------------------------------------
-def encode_images(model: MiniMindVLM, pixel_values: torch.Tensor, num_images: torch.Tensor,
-                  device: torch.device) -> torch.Tensor:
-    """CLIP features [B, Nmax, 196, 768] of a (host-side) batch: one encoder call over its real
-    images only (the zero padding of multi-image batches is neither copied nor encoded), in
-    inference mode."""
-    B, N = pixel_values.shape[:2]
-    real = torch.arange(N)[None, :] < num_images[:, None]  # [B, Nmax]
+def encode_images(model: MiniMindVLM, pixel_values: torch.Tensor, num_images: torch.Tensor) -> torch.Tensor:
+    """Vision features [B, Nmax, P, W] of a (host-side) batch, on the encoder's device: one encoder
+    call over its real images only (the zero padding of multi-image batches is neither copied nor
+    encoded), in inference mode."""
     with torch.inference_mode():
-        feats = model.encode_images(pixel_values[real].to(device, non_blocking=True).unsqueeze(1))[:, 0]
-    if bool(real.all()):
-        return feats.view(B, N, *feats.shape[1:]).clone()  # clone: leave inference mode for autograd
-    out = torch.zeros(B, N, *feats.shape[1:], dtype=feats.dtype, device=device)
-    b, n = real.nonzero(as_tuple=True)
-    out[b.to(device), n.to(device)] = feats
-    return out
+        feats = model.encode_images(pixel_values, num_images)
+    return feats.clone()  # leave inference mode for autograd
 
 
 def image_features(model: MiniMindVLM, batch: dict, device: torch.device, cache: FeatureCache | None
-                   ) -> torch.Tensor | None:
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(features, images per sequence) as the batch's sequences take them: per row [B, N, P, W] and
+    num_images [B], or for a packed batch per pack [packs, M, P, W] (in the order of its image slots)
+    and pack_num_images [P]. (None, None) without images."""
     if cache is not None:
         feats = cache.features(batch["index"].tolist(), batch["num_images"], batch["pixel_values"],
-                               lambda pv, n: encode_images(model, pv, n, device))
-        return None if feats is None else feats.to(device, non_blocking=True).float()
-    if batch["pixel_values"] is None:
-        return None
-    return encode_images(model, batch["pixel_values"], batch["num_images"], device)
+                               lambda pv, n: encode_images(model, pv, n))
+        feats = None if feats is None else feats.to(device, non_blocking=True).float()
+    else:
+        feats = None if batch["pixel_values"] is None else encode_images(model, batch["pixel_values"],
+                                                                         batch["num_images"])
+    if feats is None:
+        return None, None
+    if "segment_ids" in batch:
+        return feats[batch["image_row"].to(device), batch["image_pos"].to(device)], batch["pack_num_images"]
+    return feats, batch["num_images"]
 
 
 def batch_loss(model: torch.nn.Module, raw: MiniMindVLM, batch: dict, device: torch.device, autocast: Any,
@@ -235,10 +229,8 @@ def batch_loss(model: torch.nn.Module, raw: MiniMindVLM, batch: dict, device: to
     else:
         mask = mask.to(device)
     with autocast:
-        feats = image_features(raw, batch, device, cache)  # per row [B, N, 196, 768]
-        if packed and feats is not None:  # per pack, in the order of its image slots
-            feats = feats[batch["image_row"].to(device), batch["image_pos"].to(device)]
-        out = model(input_ids=ids, labels=labels, image_features=feats, return_logits=False,
+        feats, num_images = image_features(raw, batch, device, cache)
+        out = model(input_ids=ids, labels=labels, image_features=feats, num_images=num_images, return_logits=False,
                     attention_mask=mask, **extra)
     return out.loss
 
@@ -318,7 +310,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
              n_all / 1e6, sum(p.numel() for p in params) / 1e6, args.freeze_llm, FREEZE_CHOICES[args.freeze_llm])
 
     from dataset.lm_dataset import BadRowStats, VLMDataset
-    dataset = VLMDataset(resolve(args.data_path), load_tokenizer(args.tokenizer_path), max_length=args.max_seq_len,
+    processor = MiniMindVLMProcessor.from_config(model.config, load_tokenizer(resolve(args.tokenizer_path)))
+    dataset = VLMDataset(resolve(args.data_path), processor, max_length=args.max_seq_len,
                          image_root=resolve(args.images_path) if args.images_path else None)
     cache = None
     if args.feature_cache:
