@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from model.files import atomic_write
 from model.model_vlm import PATCHES, image_slots
 
 from .image_processing import load_image, preprocess_image
@@ -182,7 +183,7 @@ class VLMDataset(Dataset):
             try:
                 tensors.append(preprocess_image(load_image(src)))
             except FileNotFoundError as e:
-                raise BadRow("image_missing", f"{e} (check --image_root)") from None
+                raise BadRow("image_missing", f"{e} (check --images_path)") from None
             except ValueError as e:
                 raise BadRow("image_decode", str(e)) from None
         return torch.stack(tensors) if tensors else torch.zeros(0, 3, 224, 224)
@@ -248,10 +249,8 @@ class VLMDataset(Dataset):
                     out[where] = np.array([len(e) for e in enc]) + per_image * np.array(markers)
                 row += len(batch)
                 bar.update(len(batch))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, out)
-        os.replace(tmp, cache)
+        with atomic_write(cache) as f:
+            np.save(f, out)
         self._lengths = out
         return out
 
