@@ -76,10 +76,10 @@ def load_resume(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file from elsewhere, or a disk that lost it; atomic saves never truncate
         raise ResumeFileError(f"cannot read resume file {path} ({e}); delete it to start over, "
-                           f"or start without --from_resume") from e
+                              f"or start without --from_resume") from e
     if not isinstance(state, dict) or state.get("version") != RESUME_VERSION:
         raise ResumeFileError(f"{path} is not a resume file of this trainer (version {RESUME_VERSION}); "
-                           f"delete it or start without --from_resume")
+                              f"delete it or start without --from_resume")
     return state
 
 
@@ -90,5 +90,5 @@ def restore_model(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ResumeFileError(f"{path} does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}): "
-                           f"resume with the same --hidden_size/--num_hidden_layers/--use_moe, or delete it")
+                              f"resume with the same --hidden_size/--num_hidden_layers/--use_moe, or delete it")
     model.load_state_dict(state, strict=False)

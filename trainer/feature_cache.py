@@ -43,7 +43,7 @@ class FeatureCache:
             old = json.loads(meta.read_text())
             if old != fp:
                 raise FeatureCacheMismatch(f"feature cache {self.root} was built for other data or another vision "
-                                   f"encoder ({old} vs {fp}): delete it or choose another --feature_cache folder")
+                                           f"encoder ({old} vs {fp}): delete it or choose another --feature_cache folder")
         else:
             with atomic_write(meta) as f:
                 f.write(json.dumps(fp, indent=1).encode())
