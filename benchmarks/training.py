@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from model import resolve
+from model.argtypes import non_negative_int
 from model.chat import ChatInputError
 
 from .readers import detect_format
@@ -20,8 +21,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("scores during training")
     g.add_argument("--eval_data", default=None, help="benchmark or Q&A file (or folder of shards) to score the "
                    "current weights on, on rank 0 (see eval_vlm.py --bench)")
-    g.add_argument("--eval_interval", type=int, default=500, help="optimizer steps between scores (and at the end)")
-    g.add_argument("--eval_limit", type=int, default=200, help="score the first N items (0: all)")
+    g.add_argument("--eval_interval", type=non_negative_int, default=500, help="optimizer steps between scores (and at the end)")
+    g.add_argument("--eval_limit", type=non_negative_int, default=200, help="score the first N items (0: all)")
     g.add_argument("--eval_method", default="loglik", choices=["loglik", "generate", "both"],
                    help="option log-likelihood (fast, meaningful early), generation, or both")
 

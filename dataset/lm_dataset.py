@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from model.files import atomic_write
 from model.processor import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -264,10 +265,8 @@ class VLMDataset(Dataset):
                     out[where] = np.array([len(e) for e in enc]) + per_image * np.array(markers)
                 row += len(batch)
                 bar.update(len(batch))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, out)
-        os.replace(tmp, cache)
+        with atomic_write(cache) as f:
+            np.save(f, out)
         self._lengths = out
         return out
 

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from model.files import atomic_write
+
 BATCH = 512  # rows per conversion batch: bounded memory even with large images
 
 
@@ -106,20 +108,17 @@ def _jsonl_batches(path: Path):
 def build_cache(data_path: Path, out: Path) -> Path:
     """Stream `data_path` (.parquet or .jsonl) into the Arrow file `out`, atomically."""
     batches = _parquet_batches(data_path) if data_path.suffix == ".parquet" else _jsonl_batches(data_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    writer = None
     try:
-        for batch in batches:
+        with atomic_write(out) as f:  # concurrent builders (DDP ranks) each write their own temporary
+            writer = None
+            for batch in batches:
+                if writer is None:
+                    writer = pa.ipc.new_file(f, batch.schema)
+                writer.write_batch(batch)
             if writer is None:
-                writer = pa.ipc.new_file(str(tmp), batch.schema)
-            writer.write_batch(batch)
-        if writer is None:
-            raise ValueError(f"{data_path}: the file holds no rows")
-        writer.close()
-        os.replace(tmp, out)  # concurrent builders (DDP ranks) each write their own tmp; last one wins
+                raise ValueError(f"{data_path}: the file holds no rows")
+            writer.close()
     finally:
-        tmp.unlink(missing_ok=True)
         pa.default_memory_pool().release_unused()  # hand the conversion buffers back to the OS
     current = out.name.removesuffix(".arrow")
     for old in out.parent.glob(f"{data_path.name}.*"):  # caches (rows, lengths) of earlier versions of the file

@@ -8,15 +8,15 @@ loaded into the VLM, the projection's; anything else missing or unexpected is an
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import atomic_save
 
 log = logging.getLogger("minimind")
 
@@ -225,30 +225,6 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype = torch.float16) -> d
     model = getattr(model, "_orig_mod", model)
     return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).clone()
             for k, v in model.state_dict().items() if not k.startswith(VISION_PREFIX)}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj: object, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-save
-    leaves the previous file intact and never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a weight file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

@@ -1,7 +1,7 @@
 """The project's benchmark: the real training step against the original's way of running it.
 
     python scripts/bench.py --parts train --threads 1    # published pretrain config, CPU, fp32: ~4 minutes
-    python scripts/bench.py --steps 5 --clip model/vision_model/clip-vit-base-patch16
+    python scripts/bench.py --steps 5 --vision_model_path model/vision_model/clip-vit-base-patch16
 
 On a machine shared with other work, --threads 1 gives stable numbers: with every core's worth of
 threads, each of the step's ~1000 parallel ops waits for a thread the OS gave to someone else,
@@ -64,8 +64,10 @@ def get_parser() -> argparse.ArgumentParser:
                     help="room for one image (of the default geometry) and some text")
     ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per mode")
     ap.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first")
-    ap.add_argument("--clip", default=str(TINY_CLIP), help="vision encoder (default: the tiny random stand-in)")
-    ap.add_argument("--data", default=None, help="caption data (default: synthetic captions, generated once)")
+    ap.add_argument("--vision_model_path", default=str(TINY_CLIP), help="CLIP folder (default: the tiny random stand-in)")
+    ap.add_argument("--data_path", default=None, help="caption data (default: synthetic captions, generated once)")
+    ap.add_argument("--clip", dest="vision_model_path", help=argparse.SUPPRESS)  # earlier names, still accepted
+    ap.add_argument("--data", dest="data_path", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer_path", default=str(PROJECT_TOKENIZER))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
@@ -135,14 +137,14 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                       **vision_geometry(resolve(args.clip)))
-    model = MiniMindVLM(config, vision_model_path=resolve(args.clip)).to(device)
+                       **vision_geometry(resolve(args.vision_model_path)))
+    model = MiniMindVLM(config, vision_model_path=resolve(args.vision_model_path)).to(device)
     set_trainable(model, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=4e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     processor = MiniMindVLMProcessor.from_config(config, load_tokenizer(resolve(args.tokenizer_path)))
-    dataset = VLMDataset(resolve(args.data), processor, max_length=args.max_seq_len)
+    dataset = VLMDataset(resolve(args.data_path), processor, max_length=args.max_seq_len)
     sampler = RankSampler(dataset.lengths(show_progress=False), args.batch_size, 0, 1, args.seed)
     rows = sampler.order.global_order()[:args.warmup + args.steps]
     items = [[dataset[int(i)] for i in r] for r in rows]  # loaded up front: the step alone is timed
@@ -157,7 +159,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    cache = FeatureCache(Path(tempfile.mkdtemp(prefix="bench_features_")), {"bench": args.data})
+    cache = FeatureCache(Path(tempfile.mkdtemp(prefix="bench_features_")), {"bench": args.data_path})
 
     def step(mode: str, i: int) -> float:
         batch = layouts[mode][i]
@@ -224,8 +226,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    if args.data is None:
-        args.data = str(synthetic_captions())
+    if args.data_path is None:
+        args.data_path = str(synthetic_captions())
     parts = set(args.parts.split(","))
     result = dict(config=vars(args),
                   machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,

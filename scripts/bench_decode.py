@@ -59,8 +59,9 @@ def timed(run, skip_prompt: bool) -> tuple[torch.Tensor, float, float]:
 def bench_decode(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    # --clip: our flag (True = real geometry) or scripts/bench.py's path to a CLIP folder.
-    clip = Path(args.clip) if isinstance(args.clip, (str, Path)) else RANDOM_CLIP if args.clip else TINY_CLIP
+    # scripts/bench.py passes its CLIP folder (--vision_model_path); our own --clip picks a stand-in.
+    folder = getattr(args, "vision_model_path", None)
+    clip = Path(folder) if folder else RANDOM_CLIP if args.clip else TINY_CLIP
     if not (clip / "config.json").exists() and clip in (RANDOM_CLIP, TINY_CLIP):
         from scripts.make_tiny_clip import make_clip
         make_clip(clip, full=clip == RANDOM_CLIP)

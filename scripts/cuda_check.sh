@@ -97,7 +97,7 @@ step fp16 timeout 150 $PY trainer/train_sft_vlm.py "${FLAGS[@]}" --save_dir "$WO
 
 CLIP=$PWD/model/vision_model/clip-vit-base-patch16-random   # the real geometry, random weights
 step bench timeout 300 bash -c "$PY -c 'from scripts.make_tiny_clip import make_clip; make_clip(\"$CLIP\", full=True)' &&
-    $PY scripts/bench.py --parts train,decode --device cuda --clip $CLIP --steps 5 --warmup 2 --repeats 5 \
+    $PY scripts/bench.py --parts train,decode --device cuda --vision_model_path $CLIP --steps 5 --warmup 2 --repeats 5 \
         --out $LOG/bench.json"
 
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from model import resolve
 from model.argtypes import positive_int, seed_int
+from model.files import atomic_write
 
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
@@ -162,9 +163,8 @@ def write_parquet(rows: list[dict], path: Path) -> None:
     for extra in ("kind", "answer"):
         if extra in rows[0]:
             cols[extra] = pa.array([r[extra] for r in rows])
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(cols), tmp, row_group_size=1024)
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        pq.write_table(pa.table(cols), f, row_group_size=1024)
 
 
 def make_dataset(out: str | Path, seed: int = 0, n_pretrain: int = 6000, n_sft: int = 6000,

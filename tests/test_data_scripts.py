@@ -119,18 +119,40 @@ def test_seeded_and_reused_unless_overwrite(synthetic, tmp_path):
 
 def test_check_data_on_good_and_bad_files(synthetic, tmp_path, capsys):
     from scripts.check_data import check
-    assert check(synthetic["sft"], PROJECT_TOKENIZER, 640, None, workers=0, decode_images=True) == 0
+    assert check(synthetic["sft"], PROJECT_TOKENIZER, 640, None, num_workers=0, decode_images=True) == 0
     out = capsys.readouterr().out
     assert "rows          200 (200 usable, 0 bad)" in out and "histogram" in out
-    # too short a max_length: two-image rows cannot fit their images
-    assert check(synthetic["sft"], PROJECT_TOKENIZER, 300, None, workers=0, decode_images=False) == 1
+    # too short a max_seq_len: two-image rows cannot fit their images
+    assert check(synthetic["sft"], PROJECT_TOKENIZER, 300, None, num_workers=0, decode_images=False) == 1
     out = capsys.readouterr().out
     assert "too_long" in out and "skipped (too_long)" in out
 
     from tests.test_data import EXPECTED_BAD, bad_parquet
-    assert check(bad_parquet(tmp_path), PROJECT_TOKENIZER, 640, None, workers=0, decode_images=True) == 1
+    assert check(bad_parquet(tmp_path), PROJECT_TOKENIZER, 640, None, num_workers=0, decode_images=True) == 1
     out = capsys.readouterr().out
     for kind, n in Counter(EXPECTED_BAD.values()).items():
         assert f"  {kind:14s} {n}" in out
     assert "rows          11 (2 usable, 9 bad)" in out
     assert "aspect ratio over 20:1" in out  # the 1 x 20000 image: reported, never resized (no MemoryError)
+
+
+def test_check_data_takes_the_trainers_flag_names_and_the_old_ones(synthetic, capsys):
+    from scripts.check_data import build_parser, main
+    new = build_parser().parse_args(["--data_path", "d.jsonl", "--max_seq_len", "300", "--images_path", "imgs",
+                                     "--num_workers", "0"])
+    old = build_parser().parse_args(["d.jsonl", "--max_length", "300", "--image_root", "imgs", "--workers", "0"])
+    assert (new.max_seq_len, new.images_path, new.num_workers) == (old.max_seq_len, old.images_path, old.num_workers) == (
+        300, "imgs", 0)
+    assert "--max_length" not in build_parser().format_help()  # the old names are hidden
+    with pytest.raises(SystemExit) as e:
+        main(["--data_path", str(synthetic["sft"]), "--max_seq_len", "640", "--num_workers", "0", "--no_images"])
+    assert e.value.code == 0 and "rows          200" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--max_seq_len", "0"), ("--num_workers", "-1"), ("--max_length", "x"),
+                                         ("--workers", "-2")])
+def test_check_data_rejects_bad_numbers(flag, value, capsys):
+    from scripts.check_data import build_parser
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["d.parquet", flag, value])
+    assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err

@@ -10,14 +10,14 @@ def test_bench_decode_small(tiny_clip):
 
 
 def test_runs_with_scripts_bench_flags(tiny_clip):
-    """scripts/bench.py passes its own args (--clip is a folder path there) plus add_arguments'."""
+    """scripts/bench.py passes its own args (a CLIP folder as --vision_model_path) plus add_arguments'."""
     import argparse
 
     from scripts.bench_decode import add_arguments
     ap = argparse.ArgumentParser()
     for flag, default in [("--hidden_size", 64), ("--num_hidden_layers", 2), ("--threads", 0)]:
         ap.add_argument(flag, type=int, default=default)
-    ap.add_argument("--clip", default=str(tiny_clip))
+    ap.add_argument("--vision_model_path", default=str(tiny_clip))
     ap.add_argument("--device", default="cpu")
     args = add_arguments(ap).parse_args(["--new_tokens", "4", "--repeats", "1", "--prompt_tokens", "8"])
     r = bench_decode(args)

@@ -6,7 +6,7 @@
         global step, world size, batch size, accumulation steps, seed, every rank's RNG states,
         running totals and the wandb run id.
 
-Both are written with `atomic_save` (temporary file, fsync, rename), so a SIGKILL at any moment
+Both are written with `model.files.atomic_save` (temporary file, fsync, rename), so a SIGKILL at any moment
 leaves either the previous file or the new one, never a truncated one.
 """
 from __future__ import annotations
@@ -19,21 +19,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.weights import VISION_PREFIX, atomic_save, weight_path
+from model.files import atomic_save
+from model.weights import VISION_PREFIX, weight_path
 
 RESUME_VERSION = 1
+
+
+class ResumeFileError(RuntimeError):
+    """A resume file that cannot be used: one line naming it and the fix."""
 
 
 def resume_path(save_dir: str | Path, name: str, hidden_size: int, use_moe: bool) -> Path:
     """`{save_dir}/{name}_{hidden}{_moe}_resume.pth`, next to the weight file."""
     w = weight_path(save_dir, name, hidden_size, use_moe)
     return w.with_name(w.stem + "_resume.pth")
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries a killed `atomic_save` of `path` left behind (never the file itself)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,11 +75,11 @@ def load_resume(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file from elsewhere, or a disk that lost it; atomic saves never truncate
-        raise RuntimeError(f"cannot read resume file {path} ({e}); delete it to start over, "
-                           f"or start without --from_resume") from e
+        raise ResumeFileError(f"cannot read resume file {path} ({e}); delete it to start over, "
+                              f"or start without --from_resume") from e
     if not isinstance(state, dict) or state.get("version") != RESUME_VERSION:
-        raise RuntimeError(f"{path} is not a resume file of this trainer (version {RESUME_VERSION}); "
-                           f"delete it or start without --from_resume")
+        raise ResumeFileError(f"{path} is not a resume file of this trainer (version {RESUME_VERSION}); "
+                              f"delete it or start without --from_resume")
     return state
 
 
@@ -90,6 +89,6 @@ def restore_model(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
     missing = [k for k in own if k not in state and not k.startswith(VISION_PREFIX)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise RuntimeError(f"{path} does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}): "
-                           f"resume with the same --hidden_size/--num_hidden_layers/--use_moe, or delete it")
+        raise ResumeFileError(f"{path} does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}): "
+                              f"resume with the same --hidden_size/--num_hidden_layers/--use_moe, or delete it")
     model.load_state_dict(state, strict=False)

@@ -23,8 +23,7 @@ class RankSampler(Sampler[int]):
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int,
                  group_by_length: bool = False):
         from dataset.lm_dataset import LengthGroupedSampler
-        self.order = LengthGroupedSampler(lengths, batch_size=batch_size, rank=0, world_size=1, seed=seed,
-                                          group_by_length=group_by_length)
+        self.order = LengthGroupedSampler(lengths, batch_size=batch_size, seed=seed, group_by_length=group_by_length)
         self.batch_size, self.rank, self.world = batch_size, rank, world_size
         self.num_batches = self.order.num_global_batches  # of the epoch, before wrapping
         self.set_epoch(0)

@@ -10,17 +10,20 @@ whichever rows happened to be cached already (resume equivalence holds with the 
 """
 from __future__ import annotations
 
-import io
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from model.files import atomic_write
+
 ROWS_PER_FOLDER = 4096
+
+
+class FeatureCacheMismatch(RuntimeError):
+    """A --feature_cache folder built for other data or another encoder."""
 
 
 def fingerprint(data_path: str | Path, vision_model_path: str | Path) -> dict[str, object]:
@@ -39,34 +42,25 @@ class FeatureCache:
         if meta.exists():
             old = json.loads(meta.read_text())
             if old != fp:
-                raise RuntimeError(f"feature cache {self.root} was built for other data or another vision "
-                                   f"encoder ({old} vs {fp}): delete it or choose another --feature_cache folder")
+                raise FeatureCacheMismatch(f"feature cache {self.root} was built for other data or another vision "
+                                           f"encoder ({old} vs {fp}): delete it or choose another --feature_cache folder")
         else:
-            self._write(meta, json.dumps(fp, indent=1).encode())
+            with atomic_write(meta) as f:
+                f.write(json.dumps(fp, indent=1).encode())
 
     def _file(self, index: int) -> Path:
         return self.root / f"{index // ROWS_PER_FOLDER:05d}" / f"{index}.npy"
 
-    @staticmethod
-    def _write(path: Path, payload: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
     def get(self, index: int) -> torch.Tensor | None:
-        f = self._file(index)
-        return torch.from_numpy(np.load(f)) if f.exists() else None
+        try:
+            return torch.from_numpy(np.load(self._file(index)))
+        except (FileNotFoundError, EOFError, ValueError):  # not cached yet, or emptied by a power cut (no fsync)
+            return None
 
     def put(self, index: int, features: torch.Tensor) -> None:
-        buf = io.BytesIO()
-        np.save(buf, features.detach().to("cpu", torch.float16).numpy())
-        self._write(self._file(index), buf.getvalue())
+        # No fsync per entry (thousands a minute): a killed run still never leaves a partial file.
+        with atomic_write(self._file(index), fsync=False) as f:
+            np.save(f, features.detach().to("cpu", torch.float16).numpy())
 
     def features(self, indices: list[int], num_images: torch.Tensor, pixel_values: torch.Tensor | None,
                  encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from model.files import atomic_write
+
 log = logging.getLogger("minimind.train")
 
 
@@ -57,7 +59,8 @@ class Progress:
                     continue  # the torn last line of a killed run
                 if "summary" not in rec and rec.get("step", -1) <= start_step:
                     kept.append(line)
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+            with atomic_write(metrics_path) as f:  # a kill now must not lose the records kept
+                f.write("".join(line + "\n" for line in kept).encode())
         elif not resumed:
             metrics_path.write_text("")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,

@@ -7,7 +7,7 @@ Trains vision_proj and the last LM layer (--freeze_llm 1) from the LM weights (-
 Every flag and its default: --help. The loop itself is trainer/train_loop.py.
 """
 
-from trainer.train_loop import main
+from trainer.train_loop import cli
 
 if __name__ == "__main__":
-    main("pretrain")
+    cli("pretrain")

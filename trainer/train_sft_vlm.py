@@ -7,7 +7,7 @@ Trains everything but the vision encoder (--freeze_llm 0) from the pretrain weig
 Every flag and its default: --help. The loop itself is trainer/train_loop.py.
 """
 
-from trainer.train_loop import main
+from trainer.train_loop import cli
 
 if __name__ == "__main__":
-    main("sft")
+    cli("sft")
