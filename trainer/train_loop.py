@@ -667,10 +667,13 @@ def main(stage: str, argv: list[str] | None = None) -> dict[str, Any]:
 def cli(stage: str) -> None:
     """The scripts' entry point: `main`, with a problem the user can fix (missing inputs, a weight
     file of another size, an unusable resume file, cache or benchmark file) printed without a
-    traceback, by rank 0 only under torchrun, and exit status 2 on every rank."""
+    traceback and exit status 2; under torchrun by the first process of each machine only."""
     try:
         main(stage)
     except (MissingPrerequisites, WeightError, ResumeFileError, FeatureCacheMismatch, BenchError) as e:
-        if os.environ.get("RANK", "0") == "0":
+        # Every process finds the same problem. The first one on each machine reports it and fails the run;
+        # the others leave quietly (status 0), so torchrun cannot stop the reporter before it has printed.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(e if isinstance(e, MissingPrerequisites) else f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            sys.exit(2)
+        sys.exit(0)
