@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from model.engine import Detokenizer, Engine, EngineBusy, GenRequest, row_uniform, sample_rows
+from model.engine import Detokenizer, Engine, EngineBusy, GenRequest, row_uniform, sample_rows, transpose_linear_storage
 from model.generate import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,6 +62,22 @@ def test_greedy_batch_of_16_equals_each_request_alone(engine, model):
         px = None if r.pixel_values is None else r.pixel_values[None]
         ref = generate(model, torch.tensor([r.input_ids]), pixel_values=px, max_new_tokens=len(a), eos_token_id=None)
         assert ref[0].tolist() == a
+
+
+def test_linear_weights_are_stored_transposed_with_the_same_values(tiny_clip):
+    """The engine's fp32 fast path reorders the language model's linear weights in memory only: same values,
+    same shapes, tied weights still tied, CLIP and the vision projection untouched, and only once."""
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    m = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert transpose_linear_storage(m) == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    lm = [mod.weight for mod in m.model.modules() if isinstance(mod, torch.nn.Linear)] + [m.lm_head.weight]
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in lm)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    others = [p for name, p in m.named_parameters() if name.startswith(("vision_encoder", "vision_proj"))]
+    assert others and all(p.is_contiguous() for p in others)
+    assert transpose_linear_storage(m) == 0
 
 
 def test_rows_join_and_leave_a_running_batch(engine):
