@@ -1,4 +1,5 @@
 """model/engine.py: continuous batching gives every request what it gets alone; sampling, stops, cancellation."""
+import contextlib
 import threading
 import time
 
@@ -89,6 +90,57 @@ def test_rows_join_and_leave_a_running_batch(engine):
         handles.append(engine.submit(r))
         time.sleep(0.01)
     assert [tokens(h) for h in handles] == alone
+
+
+@contextlib.contextmanager
+def forward_sizes(model, pause: float = 0.0):
+    """Record the query length of every decoder forward (1: a decode step), sleeping `pause` in each."""
+    sizes = []
+    hook = model.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[1]) or time.sleep(pause))
+    try:
+        yield sizes
+    finally:
+        hook.remove()
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(model, tok):
+    """A prompt longer than prefill_budget is prefilled one chunk per step: greedy tokens are those of a
+    whole-prompt prefill, alone, with n choices, with the penalty, and joining a batch whose rows finish
+    (so its slots move) while it is chunked."""
+    reqs = [request(300 + s, 10 + 7 * s, 1 + s % 2, max_new_tokens=8) for s in range(5)]  # 206-430 tokens
+    reqs.append(request(306, 20, 1, max_new_tokens=8, repetition_penalty=1.3, n=2))
+    with contextlib.closing(Engine(model, tok, max_batch=16)) as whole:  # the default budget: every prompt in one piece
+        ref = [tokens(whole.submit(r)) for r in reqs]
+    with contextlib.closing(Engine(model, tok, max_batch=16, prefill_budget=64)) as eng, forward_sizes(model) as sizes:
+        assert [tokens(eng.submit(r)) for r in reqs] == ref
+        assert max(sizes) == 64
+        short = [eng.submit(request(400 + s, 8, 0, max_new_tokens=2 + s)) for s in range(4)]
+        handles = [eng.submit(r) for r in reqs]
+        assert [tokens(h) for h in handles] == ref and all(len(tokens(h)) == 2 + s for s, h in enumerate(short))
+
+
+def test_running_rows_decode_between_the_chunks_of_a_long_prompt(model, tok):
+    with contextlib.closing(Engine(model, tok, max_batch=4, prefill_budget=64)) as eng, forward_sizes(model) as sizes:
+        running = iter(eng.submit(request(500, 8, 0, max_new_tokens=40)))
+        next(running)
+        sizes.clear()
+        long = eng.submit(request(501, 40, 1, max_new_tokens=3))  # 236 prompt tokens: chunks of 64, 64, 64, 44
+        assert len(tokens(long)) == 3
+        list(running)
+    chunks = [i for i, t in enumerate(sizes) if t > 1]
+    assert [sizes[i] for i in chunks] == [64, 64, 64, 44]
+    assert all(sizes[i + 1] == 1 for i in chunks)  # a decode step after every chunk: nobody waits for all four
+
+
+def test_cancel_during_a_chunked_prefill(model, tok):
+    with contextlib.closing(Engine(model, tok, max_batch=2, prefill_budget=32)) as eng, forward_sizes(model, 0.02) as sizes:
+        h = eng.submit(request(600, 40, 1, max_new_tokens=5))  # 236 tokens: 8 chunks
+        deadline = time.time() + 30
+        while len(sizes) < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        h.cancel()
+        assert [ev.finish for ev in h] == ["cancelled"] and len(sizes) < 8
+        assert len(tokens(eng.submit(request(601, 8, 0, max_new_tokens=3)))) == 3
 
 
 def test_seeded_sampling_is_independent_of_the_batch(engine):
