@@ -13,8 +13,8 @@ server never fetches URLs). An image part stands where it appears in the text. S
 the extra `repetition_penalty`. Every limit is checked before the work it protects; a bad request gets
 a 4xx JSON error in OpenAI's shape ({"error": {"message", "type", "param", "code"}}), a full queue or
 more than --max_connections open requests a 503 in the same shape with Retry-After, and the server keeps
-serving. Binds 127.0.0.1 unless --host says otherwise; set
---api_key (or MINIMIND_API_KEY) whenever it listens on anything else.
+serving. Binds 127.0.0.1 unless --host says otherwise; set --api_key (or MINIMIND_API_KEY) whenever it
+listens on anything else.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model.argtypes import int_range
 from model.chat import IMAGE_MARKER, ChatInputError, check_text, encode_chat, open_image
-from model.engine import DEFAULT_MAX_CONTEXT, Engine, EngineBusy, EngineClosed, GenRequest, Handle
+from model.engine import DEFAULT_MAX_CONTEXT, PREFILL_BUDGET, Engine, EngineBusy, EngineClosed, GenRequest, Handle
 from model.load import ModelLoadError, add_model_args, add_serve_args, load_model
 
 log = logging.getLogger("minimind")
@@ -427,7 +428,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_batch", type=int, default=16, help="rows decoded together (1 = one request at a time)")
     g.add_argument("--max_queue", type=int, default=64, help="requests that may wait; more get 503")
     g.add_argument("--max_context", type=int, default=DEFAULT_MAX_CONTEXT, help="prompt + answer tokens per request")
-    g.add_argument("--max_connections", type=int, default=Limits.max_connections,
+    g.add_argument("--prefill_budget", type=int_range(1), default=PREFILL_BUDGET,
+                   help="prompt tokens prefilled per step; longer prompts are prefilled in chunks between decode steps")
+    g.add_argument("--max_connections", type=int_range(1), default=Limits.max_connections,
                    help="requests served at once, streams included; more get 503 + Retry-After")
     g = ap.add_argument_group("limits")
     d = Limits()
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_n=args.max_n, default_max_tokens=args.default_max_tokens,
                     max_connections=args.max_connections)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_context=args.max_context)
+                    max_context=args.max_context, prefill_budget=args.prefill_budget)
     import uvicorn
     uvicorn.run(create_app(engine, name, args.api_key, limits), host=args.host, port=args.port,
                 timeout_graceful_shutdown=5, log_level="warning")
