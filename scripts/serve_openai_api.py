@@ -11,9 +11,10 @@ server never fetches URLs). An image part stands where it appears in the text. S
 (server-sent events ending in `data: [DONE]`), `stream_options.include_usage`, `n` (up to --max_n),
 `stop` (up to 4 strings), `seed`, `temperature`, `top_p`, `max_tokens` / `max_completion_tokens`, and
 the extra `repetition_penalty`. Every limit is checked before the work it protects; a bad request gets
-a 4xx JSON error in OpenAI's shape ({"error": {"message", "type", "param", "code"}}), a full queue 503
-with Retry-After, and the server keeps serving. Binds 127.0.0.1 unless --host says otherwise; set
---api_key (or MINIMIND_API_KEY) whenever it listens on anything else.
+a 4xx JSON error in OpenAI's shape ({"error": {"message", "type", "param", "code"}}), a full queue or
+more than --max_connections open requests a 503 in the same shape with Retry-After, and the server keeps
+serving. Binds 127.0.0.1 unless --host says otherwise; set --api_key (or MINIMIND_API_KEY) whenever it
+listens on anything else.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.argtypes import int_range, non_negative_int, positive_float, positive_int
 from model.chat import ChatInputError, check_text, encode_chat, image_tensor
-from model.engine import DEFAULT_MAX_CONTEXT, Engine, EngineBusy, EngineClosed, GenRequest, Handle
+from model.engine import DEFAULT_MAX_CONTEXT, PREFILL_BUDGET, Engine, EngineBusy, EngineClosed, GenRequest, Handle
 from model.load import ModelLoadError, add_model_args, add_serve_args, load_model
 from model.processor import IMAGE_MARKER, MAX_ASPECT, MAX_IMAGE_PIXELS, MiniMindVLMProcessor
 
@@ -51,7 +52,7 @@ log = logging.getLogger("minimind")
 
 @dataclass
 class Limits:
-    """What one request may ask for; each is checked before the work it protects."""
+    """What one request (and all open ones together) may ask for; each is checked before the work it protects."""
     max_body_mb: float = 32.0          # the whole request body, before JSON parsing
     max_images: int = 8                # images per request, counted before any is decoded
     max_image_mb: float = 10.0         # encoded bytes per image, before base64 decoding
@@ -61,6 +62,7 @@ class Limits:
     max_stop: int = 4                  # stop strings per request (as OpenAI)
     max_stop_chars: int = 64
     default_max_tokens: int = 512
+    max_connections: int = 512         # requests being served at once (streams included); more get 503
 
 
 # ------------------------------------------------------------------------------------------ request schema
@@ -123,9 +125,15 @@ def error_body(status: int, message: str, code: str, param: str | None = None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def error_headers(status: int, headers: dict | None = None) -> dict:
+    """Every 503 says when to try again (the official clients wait that long before retrying)."""
+    return {"Retry-After": "1", **(headers or {})} if status == 503 else dict(headers or {})
+
+
 def error_response(status: int, message: str, code: str, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(status, message, code, param), headers=headers)
+    return JSONResponse(status_code=status, content=error_body(status, message, code, param),
+                        headers=error_headers(status, headers))
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -217,11 +225,14 @@ def prepare(req: ChatRequest, engine: Engine, limits: Limits) -> Prepared:
 # ------------------------------------------------------------------------------------------ middleware
 
 class GuardMiddleware:
-    """Pure ASGI: the API key (constant-time compare) and the body-size limit, before any parsing.
-    A body over the limit is refused from its Content-Length, or while it streams in (chunked uploads)."""
+    """Pure ASGI: the API key (constant-time compare), the number of requests open at once and the body-size
+    limit, before any parsing. A body over the limit is refused from its Content-Length, or while it streams
+    in (chunked uploads). Counting open requests here rather than with uvicorn's `limit_concurrency` makes
+    that refusal an OpenAI-shaped 503 with Retry-After (uvicorn's is plain text)."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app: Any, api_key: str | None, max_body: int, max_open: int):
+        self.app, self.api_key, self.max_body, self.max_open = app, api_key, max_body, max_open
+        self.open = 0  # requests inside the app now; only the event loop's thread touches it
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -233,6 +244,9 @@ class GuardMiddleware:
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
                 return await self._refuse(send, 401, "missing or wrong API key (Authorization: Bearer ...)",
                                           "invalid_api_key", {"www-authenticate": "Bearer"})
+        if self.open >= self.max_open and scope["path"] != "/health":
+            return await self._refuse(send, 503, f"server busy: {self.open} requests open; try again shortly",
+                                      "server_busy")
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
@@ -256,7 +270,11 @@ class GuardMiddleware:
             if not refused:
                 await send(message)
 
-        await self.app(scope, counted_receive, guarded_send)
+        self.open += 1
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        finally:
+            self.open -= 1
 
     def _too_big(self) -> str:
         return f"request body larger than {self.max_body / 2 ** 20:g} MiB"
@@ -265,7 +283,7 @@ class GuardMiddleware:
     async def _refuse(send: Any, status: int, message: str, code: str, headers: dict | None = None) -> None:
         body = json.dumps(error_body(status, message, code)).encode()
         raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        raw += [(k.lower().encode(), v.encode()) for k, v in error_headers(status, headers).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
 
@@ -284,7 +302,8 @@ def create_app(engine: Engine, model_name: str = "minimind-v", api_key: str | No
             await anyio.to_thread.run_sync(engine.close)
 
     app = FastAPI(title="MiniMind-V OpenAI-compatible API", lifespan=lifespan)
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body=int(limits.max_body_mb * 2 ** 20))
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body=int(limits.max_body_mb * 2 ** 20),
+                       max_open=limits.max_connections)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -327,7 +346,7 @@ def create_app(engine: Engine, model_name: str = "minimind-v", api_key: str | No
         try:
             handle = engine.submit(prepared.gen, loop=asyncio.get_running_loop())
         except EngineBusy as e:
-            raise APIError(503, f"server busy: {e}", "server_busy", headers={"Retry-After": "1"}) from None
+            raise APIError(503, f"server busy: {e}", "server_busy") from None
         except EngineClosed:
             raise APIError(503, "the server is shutting down", "server_shutting_down") from None
         except ValueError as e:
@@ -409,7 +428,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_queue", type=non_negative_int, default=64, help="requests that may wait; more get 503")
     g.add_argument("--max_context", type=int_range(2), default=DEFAULT_MAX_CONTEXT,
                    help="prompt + answer tokens per request")
-    g.add_argument("--max_connections", type=positive_int, default=512, help="open connections (uvicorn; more get 503)")
+    g.add_argument("--prefill_budget", type=positive_int, default=PREFILL_BUDGET,
+                   help="prompt tokens prefilled per step; longer prompts are prefilled in chunks between decode steps")
+    g.add_argument("--max_connections", type=positive_int, default=Limits.max_connections,
+                   help="requests served at once, streams included; more get 503 + Retry-After")
     g = ap.add_argument_group("limits")
     d = Limits()
     g.add_argument("--max_body_mb", type=positive_float, default=d.max_body_mb)
@@ -435,12 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or (f"{args.weight}_{args.hidden_size}" if args.load_from == "model"
                                else Path(args.load_from).name)
     limits = Limits(args.max_body_mb, args.max_images, args.max_image_mb, args.max_image_pixels,
-                    max_n=args.max_n, default_max_tokens=args.default_max_tokens)
+                    max_n=args.max_n, default_max_tokens=args.default_max_tokens,
+                    max_connections=args.max_connections)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_context=args.max_context)
+                    max_context=args.max_context, prefill_budget=args.prefill_budget)
     import uvicorn
     uvicorn.run(create_app(engine, name, args.api_key, limits), host=args.host, port=args.port,
-                limit_concurrency=args.max_connections, timeout_graceful_shutdown=5, log_level="warning")
+                timeout_graceful_shutdown=5, log_level="warning")
     return 0
 
 

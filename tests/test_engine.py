@@ -1,11 +1,12 @@
 """model/engine.py: continuous batching gives every request what it gets alone; sampling, stops, cancellation."""
+import contextlib
 import threading
 import time
 
 import pytest
 import torch
 
-from model.engine import Detokenizer, Engine, EngineBusy, GenRequest, row_uniform, sample_rows
+from model.engine import Detokenizer, Engine, EngineBusy, GenRequest, row_uniform, sample_rows, transpose_linear_storage
 from model.generate import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +64,22 @@ def test_greedy_batch_of_16_equals_each_request_alone(engine, model):
         assert ref[0].tolist() == a
 
 
+def test_linear_weights_are_stored_transposed_with_the_same_values(tiny_clip):
+    """The engine's fp32 fast path reorders the language model's linear weights in memory only: same values,
+    same shapes, tied weights still tied, CLIP and the vision projection untouched, and only once."""
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    m = MiniMindVLM(VLMConfig(hidden_size=64, num_hidden_layers=2), vision_model_path=tiny_clip).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert transpose_linear_storage(m) == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    lm = [mod.weight for mod in m.model.modules() if isinstance(mod, torch.nn.Linear)] + [m.lm_head.weight]
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in lm)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    others = [p for name, p in m.named_parameters() if name.startswith(("vision_encoder", "vision_proj"))]
+    assert others and all(p.is_contiguous() for p in others)
+    assert transpose_linear_storage(m) == 0
+
+
 def test_rows_join_and_leave_a_running_batch(engine):
     """Requests arriving while others decode (continuous batching) still get their solo tokens."""
     reqs = [request(100 + s, 10 + s, s % 2, max_new_tokens=6 + 4 * s) for s in range(8)]
@@ -72,6 +89,57 @@ def test_rows_join_and_leave_a_running_batch(engine):
         handles.append(engine.submit(r))
         time.sleep(0.01)
     assert [tokens(h) for h in handles] == alone
+
+
+@contextlib.contextmanager
+def forward_sizes(model, pause: float = 0.0):
+    """Record the query length of every decoder forward (1: a decode step), sleeping `pause` in each."""
+    sizes = []
+    hook = model.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[1]) or time.sleep(pause))
+    try:
+        yield sizes
+    finally:
+        hook.remove()
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(model, tok):
+    """A prompt longer than prefill_budget is prefilled one chunk per step: greedy tokens are those of a
+    whole-prompt prefill, alone, with n choices, with the penalty, and joining a batch whose rows finish
+    (so its slots move) while it is chunked."""
+    reqs = [request(300 + s, 10 + 7 * s, 1 + s % 2, max_new_tokens=8) for s in range(5)]  # 206-430 tokens
+    reqs.append(request(306, 20, 1, max_new_tokens=8, repetition_penalty=1.3, n=2))
+    with contextlib.closing(Engine(model, tok, max_batch=16)) as whole:  # the default budget: every prompt in one piece
+        ref = [tokens(whole.submit(r)) for r in reqs]
+    with contextlib.closing(Engine(model, tok, max_batch=16, prefill_budget=64)) as eng, forward_sizes(model) as sizes:
+        assert [tokens(eng.submit(r)) for r in reqs] == ref
+        assert max(sizes) == 64
+        short = [eng.submit(request(400 + s, 8, 0, max_new_tokens=2 + s)) for s in range(4)]
+        handles = [eng.submit(r) for r in reqs]
+        assert [tokens(h) for h in handles] == ref and all(len(tokens(h)) == 2 + s for s, h in enumerate(short))
+
+
+def test_running_rows_decode_between_the_chunks_of_a_long_prompt(model, tok):
+    with contextlib.closing(Engine(model, tok, max_batch=4, prefill_budget=64)) as eng, forward_sizes(model) as sizes:
+        running = iter(eng.submit(request(500, 8, 0, max_new_tokens=40)))
+        next(running)
+        sizes.clear()
+        long = eng.submit(request(501, 40, 1, max_new_tokens=3))  # 236 prompt tokens: chunks of 64, 64, 64, 44
+        assert len(tokens(long)) == 3
+        list(running)
+    chunks = [i for i, t in enumerate(sizes) if t > 1]
+    assert [sizes[i] for i in chunks] == [64, 64, 64, 44]
+    assert all(sizes[i + 1] == 1 for i in chunks)  # a decode step after every chunk: nobody waits for all four
+
+
+def test_cancel_during_a_chunked_prefill(model, tok):
+    with contextlib.closing(Engine(model, tok, max_batch=2, prefill_budget=32)) as eng, forward_sizes(model, 0.02) as sizes:
+        h = eng.submit(request(600, 40, 1, max_new_tokens=5))  # 236 tokens: 8 chunks
+        deadline = time.time() + 30
+        while len(sizes) < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        h.cancel()
+        assert [ev.finish for ev in h] == ["cancelled"] and len(sizes) < 8
+        assert len(tokens(eng.submit(request(601, 8, 0, max_new_tokens=3)))) == 3
 
 
 def test_seeded_sampling_is_independent_of_the_batch(engine):

@@ -294,6 +294,34 @@ def test_full_queue_gets_503_with_retry_after(slow_server):
     assert waiting["r"].status_code == 200
 
 
+def test_too_many_open_requests_get_an_openai_shaped_503(slow_model):
+    """Past --max_connections open requests every path but /health gets OpenAI's error shape + Retry-After
+    (uvicorn's own limit answers plain text), and the slot is free again once the stream ends."""
+    import openai
+
+    from model.engine import Engine
+    from scripts.serve_openai_api import Limits, create_app
+    app = create_app(Engine(*slow_model, max_batch=1, max_queue=4), "slow", limits=Limits(max_connections=1))
+    with running_server(app) as url:
+        running = client(url).chat.completions.create(model="slow", max_tokens=1000, messages=HI, stream=True)
+        next(iter(running))  # the one open request
+        for r in (httpx.post(f"{url}/v1/chat/completions", json={"messages": HI, "max_tokens": 2}, timeout=10),
+                  httpx.get(f"{url}/v1/models", timeout=10), httpx.get(f"{url}/nowhere", timeout=10)):
+            err = r.json()["error"]
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert err["code"] == "server_busy" and err["type"] == "server_error" and "busy" in err["message"]
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(url).models.list()
+        assert caught.value.code == "server_busy"
+        assert httpx.get(f"{url}/health", timeout=10).json()["running"] == 1
+        running.close()
+        deadline, status = time.time() + 20, 503
+        while status == 503 and time.time() < deadline:
+            status = httpx.get(f"{url}/v1/models", timeout=10).status_code
+            time.sleep(0.05)
+        assert status == 200
+
+
 def test_shutdown_mid_stream_sends_an_error_event_then_done(slow_model):
     from model.engine import Engine
     from scripts.serve_openai_api import create_app
@@ -343,7 +371,8 @@ def test_sigterm_ends_the_server_with_streams_open(tmp_path, tiny_clip):
     tiny_weights(tmp_path)
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_openai_api.py"), *model_flags(tmp_path, tiny_clip),
-                             "--port", str(port), "--max_batch", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             "--port", str(port), "--max_batch", "2", "--max_connections", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -357,6 +386,8 @@ def test_sigterm_ends_the_server_with_streams_open(tmp_path, tiny_clip):
         streams = [client(url).chat.completions.create(model="x", max_tokens=1500, messages=HI, stream=True)
                    for _ in range(3)]  # two running, one waiting
         next(iter(streams[0]))
+        busy = httpx.get(f"{url}/v1/models", timeout=10)  # a fourth open request
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) is not None
     finally:
