@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .processor import MiniMindVLMProcessor
+from .processor import MiniMindVLMProcessor, pad_images
 
 log = logging.getLogger("minimind")
 
@@ -679,16 +679,13 @@ class Engine:
     def _image_features(self, handles: list[Handle]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(vision features [B, Nmax, P, W] for the newcomers, every image in one encoder call; images
         per newcomer [B]), or (None, None) when none has an image."""
-        counts = [0 if h.request.pixel_values is None else h.request.pixel_values.shape[0] for h in handles]
-        if not any(counts):
+        none = self.processor.image_processor.stack([])
+        pixels, num_images = pad_images([none if h.request.pixel_values is None else h.request.pixel_values
+                                         for h in handles])
+        if pixels is None:
             return None, None
-        pixels = torch.cat([h.request.pixel_values for h in handles if h.request.pixel_values is not None])
-        feats = self.model.encode_images(pixels.to(self.device, self.dtype))[:, 0]  # [sum N, P, W]
-        out = feats.new_zeros(len(handles), max(counts), *feats.shape[1:])
-        b = torch.repeat_interleave(torch.arange(len(handles)), torch.tensor(counts))
-        j = torch.cat([torch.arange(c) for c in counts])
-        out[b.to(self.device), j.to(self.device)] = feats
-        return out, torch.tensor(counts, device=self.device)
+        num_images = num_images.to(self.device)
+        return self.model.encode_images(pixels, num_images), num_images
 
     def _decode(self, tokens: torch.Tensor) -> None:
         """One forward of every running row's newest token."""

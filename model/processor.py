@@ -356,11 +356,16 @@ class TokenizerNotFoundError(FileNotFoundError):
     pass
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a folder holds a transformers tokenizer (what load_tokenizer needs)."""
+    return (Path(path) / "tokenizer.json").exists() or (Path(path) / "tokenizer_config.json").exists()
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The one tokenizer loader (a stock transformers tokenizer class; no remote code)."""
     from transformers import AutoTokenizer
     path = Path(path)
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+    if not has_tokenizer(path):
         raise TokenizerNotFoundError(
             f"no tokenizer at {path}: run `python scripts/download.py` for the published MiniMind tokenizer, "
             f"or pass --tokenizer_path model/tokenizer for the project's own")

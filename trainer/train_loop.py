@@ -44,7 +44,7 @@ from model.files import remove_stale_temporaries
 from model.load import parse_weight_name
 from model.model_minimind import segment_attention_mask
 from model.model_vlm import MiniMindVLM, VLMConfig
-from model.processor import MiniMindVLMProcessor, load_tokenizer, vision_geometry
+from model.processor import MiniMindVLMProcessor, has_tokenizer, load_tokenizer, vision_geometry
 from model.weights import (
     SHAPE_FLAGS,
     VISION_PREFIX,
@@ -178,10 +178,6 @@ def settle_shape(args: argparse.Namespace) -> None:
             given[k] = int(shape[k]) if given[k] is None else given[k]
     for k in SHAPE_FLAGS:
         setattr(args, k, SMALL_V[k] if given[k] is None else given[k])
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists()
 
 
 class MissingPrerequisites(FileNotFoundError):
