@@ -310,7 +310,8 @@ def transpose_linear_storage(model: torch.nn.Module) -> int:
     matrix; CPU BLAS runs that product for a few rows (a decode step of 2-64 rows) up to 1.8x faster
     (1.1-1.2x when the weights come from memory rather than cache), and as fast as before for one row or a
     prefill. Reordered in place, once: no second copy of the weights, tied weights stay tied, CLIP and the
-    vision projection are left alone. Returns how many were reordered."""
+    vision projection are left alone. A model that has served is therefore not contiguous: call
+    `.contiguous()` on its weights before saving it with safetensors. Returns how many were reordered."""
     done = 0
     for module in [*model.model.modules(), model.lm_head]:
         w = getattr(module, "weight", None)
