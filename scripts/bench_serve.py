@@ -3,14 +3,16 @@
     python scripts/bench_serve.py                          # 512 x 8, random weights, tiny CLIP stand-in
     python scripts/bench_serve.py --clip full --clients 1 4 16 --max_tokens 32 --threads 1
 
-Starts `scripts/serve_openai_api.py` twice in the same run on a random model of the published shape
-(hidden 512 x 8, fp32 on the CPU): once with continuous batching (--max_batch 64) and once one request
-at a time (--max_batch 1). Against each, for each workload (short text prompts; one image per prompt) and
-each number of clients, that many threads send streaming requests at the same moment with the official
-`openai` client: fixed prompts, fixed max_tokens (128), greedy. Reported per row: aggregate completion
-tokens/s (all tokens over the wall time from the first request to the last answer), p50/p95 time to
-first token and inter-token latency (gaps between streamed chunks), and whether every request finished
-with the same answer as the other server gave the same prompt (greedy: it must). Only timing lives
+Starts `scripts/serve_openai_api.py` twice on a random model of the published shape (hidden 512 x 8,
+fp32 on the CPU): one server with continuous batching (--max_batch 64) and one serving a request at a time
+(--max_batch 1). Both stay up; each of --rounds rounds runs every workload (short text prompts; one image
+per prompt) and client count against the batched server, then against the other, so a change in the
+machine's load falls on both. In a level, that many threads send streaming requests at the same moment
+with the official `openai` client: fixed prompts, fixed max_tokens (128), greedy. Reported per level:
+aggregate completion tokens/s (all tokens over the wall time from the first request to the last answer),
+p50/p95 time to first token and inter-token latency (gaps between streamed chunks), medians over the
+rounds; the speed-up of batching, taken round by round (median, min-max); and whether every request
+finished with the same answer as the other server gave the same prompt (greedy: it must). Only timing lives
 here; tests check behaviour.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import io
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,11 +72,17 @@ def messages(workload: str, i: int) -> list[dict]:
                                          {"type": "text", "text": IMAGE_QUESTIONS[i % len(IMAGE_QUESTIONS)]}]}]
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """The API server in a subprocess, on a free loopback port."""
 
     def __init__(self, flags: list[str], log_path: Path, threads: int):
-        from tests.infer_helpers import free_port
         self.port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else dict(os.environ)
         self.log = open(log_path, "w")
@@ -161,6 +170,8 @@ def get_parser() -> argparse.ArgumentParser:
                     help="client counts for the one-at-a-time server (default: --clients; it is serial, so its "
                          "tokens/s hardly changes with the count)")
     ap.add_argument("--max_tokens", type=positive_int, default=128)
+    ap.add_argument("--rounds", type=positive_int, default=3,
+                    help="rounds alternating between the two servers; the table gives medians over them")
     ap.add_argument("--hidden_size", type=model_width, default=512)
     ap.add_argument("--num_hidden_layers", type=positive_int, default=8)
     ap.add_argument("--clip", choices=["tiny", "full"], default="tiny",
@@ -187,46 +198,86 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"batched": args.max_batch, "one at a time": 1}
     results: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "model": f"{args.hidden_size} x "
                      f"{args.num_hidden_layers}, random weights, fp32" + (f", {args.quantize}" if args.quantize else ""),
-                     "clip": clip.name, "max_tokens": args.max_tokens, "rows": []}
+                     "clip": clip.name, "max_tokens": args.max_tokens, "rounds": args.rounds, "rows": []}
     print(f"{results['cpu']} ({results['cores']} cores); model {results['model']}; CLIP {clip.name}; "
-          f"max_tokens {args.max_tokens}, greedy, streaming", flush=True)
+          f"max_tokens {args.max_tokens}, greedy, streaming; {args.rounds} round(s)", flush=True)
+    levels = {"batched": args.clients, "one at a time": args.baseline_clients or args.clients}
     answers: dict = {}
-    for mode, max_batch in modes.items():
-        server = Server(flags + ["--max_batch", str(max_batch)], work / f"server_{max_batch}.log", args.threads)
-        try:
-            run_level(server.url, "text", 1, 4)  # warm-up
-            levels = args.clients if max_batch > 1 or not args.baseline_clients else args.baseline_clients
+    servers: dict[str, Server] = {}
+    try:
+        # Both servers stay up (the idle one costs nothing) and the rounds alternate between them, so a
+        # change in the machine's load falls on both alike instead of on whichever ran second.
+        for mode, max_batch in modes.items():
+            servers[mode] = Server(flags + ["--max_batch", str(max_batch)], work / f"server_{max_batch}.log",
+                                   args.threads)
+            run_level(servers[mode].url, "text", 1, 4)  # warm-up
+        for round_ in range(args.rounds):
             for workload in args.workloads:
-                for clients in levels:
-                    r = run_level(server.url, workload, clients, args.max_tokens)
-                    for k, text in r.pop("answers").items():
-                        answers.setdefault((workload, k), set()).add(text)
-                    r.update(mode=mode, workload=workload)
-                    results["rows"].append(r)
-                    print(f"  {mode:14s} {workload:5s} {clients:3d} clients: {r['tokens_per_s']:7.1f} tok/s  "
-                          f"TTFT p50 {r['ttft_p50']:.2f} s p95 {r['ttft_p95']:.2f} s  ITL p50 "
-                          f"{r['itl_p50'] * 1000:.0f} ms p95 {r['itl_p95'] * 1000:.0f} ms  "
-                          f"finished {r['finished']}/{clients}", flush=True)
-        finally:
+                for mode in modes:
+                    for clients in levels[mode]:
+                        r = run_level(servers[mode].url, workload, clients, args.max_tokens)
+                        for k, text in r.pop("answers").items():
+                            answers.setdefault((workload, k), set()).add(text)
+                        r.update(mode=mode, workload=workload, round=round_)
+                        results["rows"].append(r)
+                        print(f"  round {round_ + 1} {mode:14s} {workload:5s} {clients:3d} clients: "
+                              f"{r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']:.2f} s p95 {r['ttft_p95']:.2f} s"
+                              f"  ITL p50 {r['itl_p50'] * 1000:.0f} ms p95 {r['itl_p95'] * 1000:.0f} ms  "
+                              f"finished {r['finished']}/{clients}", flush=True)
+    finally:
+        for server in servers.values():
             server.close()
     results["same_answers"] = all(len(v) == 1 for v in answers.values())
-    base = {(r["workload"], r["clients"]): r["tokens_per_s"] for r in results["rows"] if r["mode"] == "one at a time"}
-    print("\n| workload | clients | mode | tokens/s | vs one at a time | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) "
-          "| finished |")
+    results["summary"] = summarize(results["rows"])
+    print("\n| workload | clients | mode | tokens/s (median) | vs one at a time: median (min-max over rounds) | "
+          "TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | finished |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in sorted(results["rows"], key=lambda r: (r["workload"], r["clients"], r["mode"] != "batched")):
-        key = (r["workload"], r["clients"])
-        ratio = r["tokens_per_s"] / base[key] if key in base else None
-        r["speedup"] = round(ratio, 2) if ratio else None
-        shown = f"{ratio:.2f}x" if ratio else "-"
+    for r in results["summary"]:
+        shown = (f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}x)" if r.get("speedup")
+                 else "-")
         print(f"| {r['workload']} | {r['clients']} | {r['mode']} | {r['tokens_per_s']:.1f} | {shown} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['itl_p50'] * 1000:.0f} / {r['itl_p95'] * 1000:.0f} | "
-              f"{r['finished']}/{r['clients']} |")
+              f"{r['finished']}/{r['requests']} |")
     print(f"\nsame greedy answer for each prompt in every run: {results['same_answers']}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     return 0 if results["same_answers"] and all(r["finished"] == r["clients"] for r in results["rows"]) else 1
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per (workload, clients, mode): medians over the rounds, and for batched lines the speed-up
+    over one-at-a-time taken round by round (each round's batched tokens/s over the same round's
+    one-at-a-time tokens/s at the same client count, or at its largest count when that one was not run)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["clients"], r["mode"]), []).append(r)
+    base: dict = {}
+    for r in rows:
+        if r["mode"] == "one at a time":
+            base.setdefault((r["workload"], r["round"]), {})[r["clients"]] = r["tokens_per_s"]
+    lines = []
+    for (workload, clients, mode), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "batched")):
+        line = {"workload": workload, "clients": clients, "mode": mode, "requests": clients * len(rs),
+                "finished": sum(r["finished"] for r in rs),
+                **{k: median([r[k] for r in rs]) for k in ("tokens_per_s", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95")}}
+        if mode == "batched":
+            ratios = []
+            for r in rs:
+                b = base.get((workload, r["round"]))
+                if b:
+                    ratios.append(r["tokens_per_s"] / b.get(clients, b[max(b)]))
+            if ratios:
+                line.update(speedup=median(ratios), speedup_min=min(ratios), speedup_max=max(ratios),
+                            speedups=[round(x, 2) for x in ratios])
+        lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

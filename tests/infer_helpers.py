@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from model import PROJECT_TOKENIZER
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.weights import save_weights, weight_path
+from scripts.bench_serve import free_port  # noqa: F401  (tests import it from here)
 
 HIDDEN, LAYERS = 64, 2
 
@@ -40,12 +40,6 @@ def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class running_server:
