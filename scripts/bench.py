@@ -9,8 +9,8 @@ which costs the short ops of our step far more than the original's long ones.
 
 `train` measures one optimizer step of pretraining (hidden 512 x 8, batch 16, max_seq_len 640,
 fp32, --freeze_llm 1) on the synthetic captions (--dtype bfloat16: the trainer's CUDA autocast;
---freeze_llm 0 --max_seq_len 1536 --batch_size 4 --data_path dataset/synthetic/sft.parquet: SFT's shape): the same rows (the trainer's default uniformly
-shuffled order) stepped four ways:
+--freeze_llm 0 --max_seq_len 1536 --batch_size 4 --data_path dataset/synthetic/sft.parquet: SFT's shape):
+the same rows (the trainer's default uniformly shuffled order) stepped four ways:
   original  every row padded to max_seq_len, full-vocabulary logits at every position, the loss
             masked afterwards (the published scripts' behaviour; our vectorised model underneath,
             so if anything this baseline is faster than the real original);

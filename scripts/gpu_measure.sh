@@ -15,12 +15,13 @@
 # so a slow step costs the later ones their time, never the total. One failing does not stop the rest.
 #   prep         the synthetic task, the tiny CLIP stand-in (and the full-geometry one in the background) ~15 s
 #   quickstart   scripts/quickstart.py --seed 0, 1, 2 at once on the one GPU (bf16 training and scoring),
-#                each seed's SFT weights then scored again on the CPU in fp32               ~300 s in all
+#                each seed's SFT weights then scored again on the CPU in fp32; until BUDGET - 110 s
+#                (one seed alone took 160 s on an H100; three at once: not measured yet)
 #   compare      beside them: scripts/compare_devices.py, CPU fp32 vs this GPU from the same start over
-#                the same 30 SFT batches, one numerical knob at a time                         ~60 s
+#                the same 30 SFT batches, one numerical knob at a time                  ~60 s, at most 200
 #   bench_pretrain  scripts/bench.py --dtype bfloat16, published pretrain shape (512 x 8, batch 16,
-#                max_seq_len 640), real ViT-B/16 geometry (random weights), 4 modes            ~60 s
-#   bench_sft    the same at SFT's shape (batch 4, max_seq_len 1536, whole LM trained)          ~45 s
+#                max_seq_len 640), real ViT-B/16 geometry (random weights), 4 modes      ~30 s, at most 55
+#   bench_sft    the same at SFT's shape (batch 4, max_seq_len 1536, whole LM trained)    ~30 s, at most 40
 #   summary      scripts/gpu_summary.py: LOG_DIR/summary.txt, with the hours the published recipe
 #                would take on this GPU                                                          ~5 s
 set -uo pipefail
@@ -107,10 +108,10 @@ clip_pid=$!
 
 # quickstart: three seeds at once. The GPU is mostly idle under one such tiny run (launch-bound), so three
 # share it with little loss; threads are split so the 16 host cores are not oversubscribed.
-QUICK_END=$((BUDGET - 125))   # what is left after it goes to the two benches and the summary
+QUICK_END=$((BUDGET - 110))   # the rest goes to the two benches (55 + 40 s) and the summary (15 s)
 MODEL=(--hidden_size 128 --num_hidden_layers 4 --tokenizer_path model/tokenizer --vision_model_path "$TINY")
 seed_run() {  # seed_run N: the quickstart on the GPU, then its SFT weights scored on the CPU in fp32
-    local n=$1 eval_s=60
+    local n=$1 eval_s=45   # the CPU scoring: about 20 s on 4 threads
     OMP_NUM_THREADS=3 step "qs$n" $((QUICK_END - eval_s - SECONDS)) $PY scripts/quickstart.py --seed "$n" \
         --out "$WORK/qs$n" --data "$DATA" "${SMOKE[@]}" || return
     OMP_NUM_THREADS=4 step "qs${n}_cpu_eval" $((QUICK_END - SECONDS)) $PY eval_vlm.py "${MODEL[@]}" --weight sft_vlm \
@@ -124,7 +125,7 @@ OMP_NUM_THREADS=4 step compare 200 $PY scripts/compare_devices.py --data_path "$
 wait "${pids[@]}" "$clip_pid"
 
 # bench: alone on the machine (timings), bf16 autocast as the trainer runs on CUDA.
-step bench_pretrain 70 $PY scripts/bench.py --parts train --dtype bfloat16 "${BENCH[@]}" "${BENCH_PRE[@]}" \
+step bench_pretrain 55 $PY scripts/bench.py --parts train --dtype bfloat16 "${BENCH[@]}" "${BENCH_PRE[@]}" \
     --out "$L/bench_pretrain.json"
-step bench_sft 50 $PY scripts/bench.py --parts train --dtype bfloat16 "${BENCH[@]}" --batch_size 4 --max_seq_len 1536 \
+step bench_sft 40 $PY scripts/bench.py --parts train --dtype bfloat16 "${BENCH[@]}" --batch_size 4 --max_seq_len 1536 \
     --freeze_llm 0 --data_path "$DATA/sft.parquet" --out "$L/bench_sft.json"

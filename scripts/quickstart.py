@@ -70,8 +70,8 @@ def train(stage: str, data_dir: Path, out_dir: Path, force: bool, seed: int, smo
     run([cfg["script"], *model_flags(out_dir), "--data_path", data_dir / cfg["data"],
          "--from_weight", cfg["from_weight"], "--freeze_llm", 0, "--learning_rate", cfg["lr"],
          "--batch_size", cfg["batch_size"], "--max_seq_len", cfg["max_seq_len"], "--epochs", 1,
-         "--max_steps", SMOKE_STEPS if smoke else cfg["max_steps"], "--num_workers", 1, "--log_interval", 5, "--save_interval", 50,
-         "--seed", seed])
+         "--max_steps", SMOKE_STEPS if smoke else cfg["max_steps"], "--num_workers", 1, "--log_interval", 5,
+         "--save_interval", 50, "--seed", seed])
     return time.perf_counter() - t0
 
 
@@ -80,7 +80,8 @@ def score(data_dir: Path, out_dir: Path, blank: bool, force: bool, smoke: bool =
     if not report.exists() or force:
         run(["eval_vlm.py", *model_flags(out_dir), "--weight", "sft_vlm", "--bench", data_dir / "eval.parquet",
              "--bench_out", report, "--temperature", 0, "--bench_method", "generate", "--bench_baseline", 0,
-             *(["--blank_image"] if blank else []), *(["--bench_limit", SMOKE_QUESTIONS] if smoke else [])])  # its own blank run: the two reports as before
+             *(["--blank_image"] if blank else []),  # its own blank run: the two reports as before
+             *(["--bench_limit", SMOKE_QUESTIONS] if smoke else [])])
     return json.loads(report.read_text())
 
 
