@@ -7,7 +7,7 @@
 #
 # LOG_DIR gets summary.txt (every figure; also printed at the end) and logs.tgz (each step's log and
 # JSON, each seed's scores, metrics and SFT weights). The work (data, weights) goes to WORK
-# (default /tmp/gpu_measure). Python: $PYTHON, else the first of python3 and /opt/torch/.venv/bin/python3
+# (default /tmp/gpu_measure); SEEDS (default "0 1 2") picks the quickstart seeds. Python: $PYTHON, else the first of python3 and /opt/torch/.venv/bin/python3
 # whose torch sees CUDA (DRY: whose torch imports). If its transformers is older than the project's
 # 5.21 and a wheel lies in .whl/, that wheel is installed into /tmp/site first (no network needed).
 #
@@ -88,12 +88,12 @@ trap bundle EXIT
 TINY=model/vision_model/clip-tiny-random
 FULL=model/vision_model/clip-vit-base-patch16-random   # the real ViT-B/16 geometry, random weights
 if [ "$DRY" = 1 ]; then
-    SEEDS="0 1"; SMOKE=(--smoke); LIMIT=(--bench_limit 16)
+    SEEDS=${SEEDS:-0 1}; SMOKE=(--smoke); LIMIT=(--bench_limit 16)
     CMP=(--device cpu --steps 2 --batch_size 4 --variants strict,torch_default,bf16_autocast)
     BENCH=(--device cpu --hidden_size 64 --num_hidden_layers 2 --steps 1 --warmup 1 --vision_model_path "$TINY")
     BENCH_PRE=(--batch_size 4); BENCH_CLIP=$TINY
 else
-    SEEDS="0 1 2"; SMOKE=(); LIMIT=()
+    SEEDS=${SEEDS:-0 1 2}; SMOKE=(); LIMIT=()
     CMP=(--device cuda --steps 30)
     BENCH=(--device cuda --steps 5 --warmup 2 --vision_model_path "$FULL")
     BENCH_PRE=(); BENCH_CLIP=$FULL
