@@ -7,8 +7,8 @@
 #
 # LOG_DIR gets summary.txt (every figure; also printed at the end) and logs.tgz (each step's log and
 # JSON, each seed's scores, metrics and SFT weights). The work (data, weights) goes to WORK
-# (default /tmp/gpu_measure); SEEDS (default "0 1 2") picks the quickstart seeds. Python: $PYTHON, else the first of python3 and /opt/torch/.venv/bin/python3
-# whose torch sees CUDA (DRY: whose torch imports). If its transformers is older than the project's
+# (default /tmp/gpu_measure); SEEDS (default "0 1 2") picks the quickstart seeds. Python: $PYTHON, else
+# the first of python3 and /opt/torch/.venv/bin/python3 whose torch sees CUDA (DRY: whose torch imports). If its transformers is older than the project's
 # 5.21 and a wheel lies in .whl/, that wheel is installed into /tmp/site first (no network needed).
 #
 # Steps, in priority order; each under its own timeout and all under one deadline (BUDGET, default 470 s),
