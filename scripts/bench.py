@@ -8,8 +8,9 @@ threads, each of the step's ~1000 parallel ops waits for a thread the OS gave to
 which costs the short ops of our step far more than the original's long ones.
 
 `train` measures one optimizer step of pretraining (hidden 512 x 8, batch 16, max_seq_len 640,
-fp32, --freeze_llm 1) on the synthetic captions: the same rows (the trainer's default uniformly
-shuffled order) stepped four ways:
+fp32, --freeze_llm 1) on the synthetic captions (--dtype bfloat16: the trainer's CUDA autocast;
+--freeze_llm 0 --max_seq_len 1536 --batch_size 4 --data_path dataset/synthetic/sft.parquet: SFT's shape):
+the same rows (the trainer's default uniformly shuffled order) stepped four ways:
   original  every row padded to max_seq_len, full-vocabulary logits at every position, the loss
             masked afterwards (the published scripts' behaviour; our vectorised model underneath,
             so if anything this baseline is faster than the real original);
@@ -25,6 +26,8 @@ and in what they skip. Warm-up steps per mode, then timed steps alternating betw
 busy machine slows all alike); reported are samples/s and tokens/s (real tokens) at the fastest
 step time (the least disturbed by other work; the median is in the JSON), the vision encoder's
 share of a step, FLOPs per step (torch's FlopCounterMode) and the achieved FLOP/s, and peak memory.
+On a GPU whose dense peak is known (`PEAK_TFLOPS`), also the model FLOP utilisation (MFU): the
+achieved FLOP/s over that peak at the step's precision.
 
 `decode`: when scripts/bench_decode.py exists, its `bench_decode(args) -> dict` runs too and its
 rows are added (it may also define `add_arguments(parser)` for its own flags).
@@ -52,6 +55,22 @@ from model.argtypes import int_range, model_width, non_negative_int, positive_in
 from model.processor import DEFAULT_PATCHES, IGNORE_INDEX
 
 MODES = ("original", "padded", "packed", "packed_cached")
+# Dense (no sparsity) peak TFLOP/s of the SXM parts by device-name fragment, for MFU; "float32" is
+# the non-tensor-core rate (TF32 is off by default for matrix products).
+PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+               "H200": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+               "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}}
+
+
+def peak_tflops(device: torch.device, dtype: str) -> tuple[float | None, str]:
+    """(dense peak TFLOP/s at `dtype`, the assumption in words); None where unknown (the CPU, other GPUs)."""
+    if device.type != "cuda":
+        return None, "no MFU on the CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks[dtype], f"MFU against {peaks[dtype]:.0f} TFLOP/s, the dense {dtype} peak of an {key} SXM ({name})"
+    return None, f"no MFU: the peak of {name} is not in scripts/bench.py's PEAK_TFLOPS"
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -70,6 +89,12 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", dest="data_path", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer_path", default=str(PROJECT_TOKENIZER))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="CUDA autocast dtype, as the trainer's --dtype (float16 adds a GradScaler); the CPU runs float32")
+    ap.add_argument("--use_compile", type=int, default=0, choices=[0, 1],
+                    help="1: torch.compile the decoder stack, as the trainer's --use_compile (compiles in the warm-up)")
+    ap.add_argument("--freeze_llm", type=int, default=1, choices=[0, 1, 2],
+                    help="as the trainer's: 1 = pretrain (projection + last layer), 0 = SFT (the whole LM)")
     ap.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench_results" / "bench.json"))
@@ -130,7 +155,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     from trainer.feature_cache import FeatureCache
     from trainer.progress import peak_memory_mb
     from trainer.recipe import set_trainable
-    from trainer.train_loop import batch_loss, encode_images, optimizer_step
+    from trainer.train_loop import batch_loss, encode_images, optimizer_step, precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,10 +164,13 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     config = VLMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                        **vision_geometry(resolve(args.vision_model_path)))
     model = MiniMindVLM(config, vision_model_path=resolve(args.vision_model_path)).to(device)
-    set_trainable(model, 1)
+    set_trainable(model, args.freeze_llm)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=4e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    autocast, scaler = precision(args.dtype, device)
+    if args.use_compile:
+        model.model.compile()  # the decoder stack, as the trainer does
+    peak_tf, _ = peak_tflops(device, "float32" if isinstance(autocast, nullcontext) else args.dtype)
     processor = MiniMindVLMProcessor.from_config(config, load_tokenizer(resolve(args.tokenizer_path)))
     dataset = VLMDataset(resolve(args.data_path), processor, max_length=args.max_seq_len)
     sampler = RankSampler(dataset.lengths(show_progress=False), args.batch_size, 0, 1, args.seed)
@@ -165,9 +193,12 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         batch = layouts[mode][i]
         sync()
         t = time.perf_counter()
-        loss = (original_step_loss(model, batch, args.max_seq_len, device) if mode == "original"
-                else batch_loss(model, model, batch, device, nullcontext(), cache if mode == "packed_cached" else None))
-        loss.backward()
+        if mode == "original":
+            with autocast:
+                loss = original_step_loss(model, batch, args.max_seq_len, device)
+        else:
+            loss = batch_loss(model, model, batch, device, autocast, cache if mode == "packed_cached" else None)
+        scaler.scale(loss).backward()
         optimizer_step(optimizer, scaler, params, 1.0, 4e-4)
         sync()
         return time.perf_counter() - t
@@ -196,7 +227,9 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     tokens = sum(int(layouts["padded"][i]["attention_mask"].sum()) for i in timed)
     result = []
     for mode in MODES:
-        with FlopCounterMode(display=False) as counter:
+        # Counted eagerly: a compiled graph would hide its ops from the counter (same ops, same FLOPs).
+        with torch.compiler.set_stance("force_eager") if args.use_compile else nullcontext(), \
+                FlopCounterMode(display=False) as counter:
             step(mode, timed[0])
         step_s = min(times[mode])  # the least disturbed step: other work on the machine only adds time
         flops = counter.get_total_flops()  # of the first timed batch (the batches are alike in length)
@@ -210,7 +243,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
                            pad_share=1 - tokens / computed,
                            vision_share=0.0 if mode == "packed_cached" else min(enc) / step_s,
                            gflop_per_step=flops / 1e9,
-                           gflop_per_s=flops / 1e9 / step_s, peak_memory_mb=peak[mode], steps=len(times[mode])))
+                           gflop_per_s=flops / 1e9 / step_s, mfu=flops / step_s / (peak_tf * 1e12) if peak_tf else None,
+                           peak_memory_mb=peak[mode], steps=len(times[mode])))
     return result
 
 
@@ -218,9 +252,9 @@ def table(rows: list[dict]) -> str:
     cols = [("mode", "{}"), ("sequences", "{:.1f}"), ("seq_len", "{:.0f}"), ("pad_share", "{:.1%}"),
             ("step_s", "{:.2f}"), ("step_s_median", "{:.2f}"), ("samples_per_s", "{:.2f}"),
             ("tokens_per_s", "{:.0f}"), ("vision_share", "{:.1%}"), ("gflop_per_step", "{:.0f}"),
-            ("gflop_per_s", "{:.1f}"), ("peak_memory_mb", "{:.0f}")]
+            ("gflop_per_s", "{:.1f}"), ("mfu", "{:.1%}"), ("peak_memory_mb", "{:.0f}")]
     lines = [" | ".join(c for c, _ in cols), " | ".join("---" for _ in cols)]
-    lines += [" | ".join(f.format(r[c]) for c, f in cols) for r in rows]
+    lines += [" | ".join("-" if r[c] is None else f.format(r[c]) for c, f in cols) for r in rows]
     return "\n".join("| " + line + " |" for line in lines)
 
 
@@ -235,8 +269,13 @@ def main() -> None:
                                device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"),
                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if "train" in parts:
+        device = torch.device(args.device)
+        dtype = args.dtype if device.type == "cuda" else "float32"
+        result["mfu_assumption"] = peak_tflops(device, dtype)[1]
         print(f"train step: hidden {args.hidden_size} x {args.num_hidden_layers}, batch {args.batch_size}, "
-              f"max_seq_len {args.max_seq_len}, {args.device}, fp32, {args.steps} timed steps", flush=True)
+              f"max_seq_len {args.max_seq_len}, --freeze_llm {args.freeze_llm}, {args.device}, "
+              f"{dtype if dtype == 'float32' else dtype + ' autocast'}{', compiled' if args.use_compile else ''}, "
+              f"{args.steps} timed steps; {result['mfu_assumption']}", flush=True)
         rows = bench_train(args)
         by = {r["mode"]: r for r in rows}
         base = by["original"]

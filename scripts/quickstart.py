@@ -55,7 +55,11 @@ def model_flags(out_dir: Path) -> list[str]:
             "--tokenizer_path", PROJECT_TOKENIZER, "--vision_model_path", TINY_CLIP]
 
 
-def train(stage: str, data_dir: Path, out_dir: Path, force: bool, seed: int) -> float:
+# --smoke: the same steps, cut to a few training steps and eval questions (checks the plumbing; scores mean nothing).
+SMOKE_STEPS, SMOKE_QUESTIONS = 3, 16
+
+
+def train(stage: str, data_dir: Path, out_dir: Path, force: bool, seed: int, smoke: bool = False) -> float:
     cfg = STAGES[stage]
     weights = out_dir / f"{stage}_vlm_{HIDDEN}.pth"
     if weights.exists() and not force:
@@ -66,17 +70,18 @@ def train(stage: str, data_dir: Path, out_dir: Path, force: bool, seed: int) -> 
     run([cfg["script"], *model_flags(out_dir), "--data_path", data_dir / cfg["data"],
          "--from_weight", cfg["from_weight"], "--freeze_llm", 0, "--learning_rate", cfg["lr"],
          "--batch_size", cfg["batch_size"], "--max_seq_len", cfg["max_seq_len"], "--epochs", 1,
-         "--max_steps", cfg["max_steps"], "--num_workers", 1, "--log_interval", 5, "--save_interval", 50,
-         "--seed", seed])
+         "--max_steps", SMOKE_STEPS if smoke else cfg["max_steps"], "--num_workers", 1, "--log_interval", 5,
+         "--save_interval", 50, "--seed", seed])
     return time.perf_counter() - t0
 
 
-def score(data_dir: Path, out_dir: Path, blank: bool, force: bool) -> dict:
+def score(data_dir: Path, out_dir: Path, blank: bool, force: bool, smoke: bool = False) -> dict:
     report = out_dir / f"eval{'_blank' if blank else ''}.json"
     if not report.exists() or force:
         run(["eval_vlm.py", *model_flags(out_dir), "--weight", "sft_vlm", "--bench", data_dir / "eval.parquet",
              "--bench_out", report, "--temperature", 0, "--bench_method", "generate", "--bench_baseline", 0,
-             *(["--blank_image"] if blank else [])])  # its own blank run: the two reports as before
+             *(["--blank_image"] if blank else []),  # its own blank run: the two reports as before
+             *(["--bench_limit", SMOKE_QUESTIONS] if smoke else [])])
     return json.loads(report.read_text())
 
 
@@ -98,6 +103,8 @@ def get_parser() -> argparse.ArgumentParser:
                     "(default: out/quickstart, or out/quickstart_seedN for --seed N > 0)")
     ap.add_argument("--data", default="dataset/synthetic", help="where the synthetic task is written")
     ap.add_argument("--force", action="store_true", help="redo every step even if its output exists")
+    ap.add_argument("--smoke", action="store_true", help=f"a plumbing check: {SMOKE_STEPS} steps per stage, "
+                    f"{SMOKE_QUESTIONS} eval questions (the score means nothing)")
     return ap
 
 
@@ -112,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[clip] stand-in at {make_clip(TINY_CLIP)}")
     run(["scripts/make_synthetic_data.py", "--out", data_dir, "--seed", 0,
          *[a for k, v in DATA_SIZES.items() for a in (f"--{k}", v)], *(["--overwrite"] if args.force else [])])
-    times = {stage: train(stage, data_dir, out_dir, args.force, args.seed) for stage in STAGES}
-    real = score(data_dir, out_dir, blank=False, force=args.force or any(times.values()))
-    blank = score(data_dir, out_dir, blank=True, force=args.force or any(times.values()))
+    times = {stage: train(stage, data_dir, out_dir, args.force, args.seed, args.smoke) for stage in STAGES}
+    redo = args.force or any(times.values())
+    real = score(data_dir, out_dir, blank=False, force=redo, smoke=args.smoke)
+    blank = score(data_dir, out_dir, blank=True, force=redo, smoke=args.smoke)
 
     from scripts.plot_metrics import plot
     png = plot([out_dir / f"{s}_vlm_{HIDDEN}_metrics.jsonl" for s in STAGES], out_dir / "loss.png",
