@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from model import PROJECT_TOKENIZER, TINY_CLIP, resolve
-from model.argtypes import positive_int, seed_int
+from model.argtypes import positive_float, positive_int, seed_int
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num_hidden_layers", type=positive_int, default=4)
     ap.add_argument("--batch_size", type=positive_int, default=16)
     ap.add_argument("--max_seq_len", type=positive_int, default=640)
-    ap.add_argument("--learning_rate", type=float, default=1e-3)
+    ap.add_argument("--learning_rate", type=positive_float, default=1e-3)
     ap.add_argument("--steps", type=positive_int, default=30)
     ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
