@@ -428,6 +428,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_queue", type=non_negative_int, default=64, help="requests that may wait; more get 503")
     g.add_argument("--max_context", type=int_range(2), default=DEFAULT_MAX_CONTEXT,
                    help="prompt + answer tokens per request")
+    g.add_argument("--threads", type=non_negative_int, default=0,
+                   help="torch threads for the model (0: torch's default, one per core). On a machine where other "
+                        "programs keep cores busy, leave them one: each parallel op waits for its slowest thread")
     g.add_argument("--prefill_budget", type=positive_int, default=PREFILL_BUDGET,
                    help="prompt tokens prefilled per step; longer prompts are prefilled in chunks between decode steps")
     g.add_argument("--max_connections", type=positive_int, default=Limits.max_connections,
@@ -459,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(args.max_body_mb, args.max_images, args.max_image_mb, args.max_image_pixels,
                     max_n=args.max_n, default_max_tokens=args.default_max_tokens,
                     max_connections=args.max_connections)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_context=args.max_context, prefill_budget=args.prefill_budget)
     import uvicorn
