@@ -184,6 +184,8 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max_batch", type=positive_int, default=64, help="the batched server's --max_batch")
     ap.add_argument("--threads", type=non_negative_int, default=0, help="the server's torch threads (0: torch's default)")
     ap.add_argument("--quantize", default=None, help="pass --quantize to both servers (e.g. int8)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="both servers' weights and activations (bfloat16 is fast only on CPUs with AMX or AVX512-BF16)")
     ap.add_argument("--json", default=str(ROOT / "bench_results" / "serve.json"))
     return ap
 
@@ -199,11 +201,10 @@ def main(argv: list[str] | None = None) -> int:
              "--num_hidden_layers", str(args.num_hidden_layers), "--vision_model_path", str(clip),
              "--tokenizer_path", str(PROJECT_TOKENIZER), "--device", "cpu", "--max_queue", "256",
              "--threads", str(args.threads)]
-    if args.quantize:
-        flags += ["--quantize", args.quantize]
+    flags += ["--dtype", args.dtype] + (["--quantize", args.quantize] if args.quantize else [])
     modes = {"batched": args.max_batch, "one at a time": 1}
     results: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "model": f"{args.hidden_size} x "
-                     f"{args.num_hidden_layers}, random weights, fp32" + (f", {args.quantize}" if args.quantize else ""),
+                     f"{args.num_hidden_layers}, random weights, {args.dtype}" + (f", {args.quantize}" if args.quantize else ""),
                      "clip": clip.name, "max_tokens": args.max_tokens, "rounds": args.rounds, "rows": []}
     print(f"{results['cpu']} ({results['cores']} cores); model {results['model']}; CLIP {clip.name}; "
           f"max_tokens {args.max_tokens}, greedy, streaming; {args.rounds} round(s)", flush=True)
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.close()
     results["same_answers"] = all(len(v) == 1 for v in answers.values())
+    results["prompts_with_differing_answers"] = f"{sum(len(v) > 1 for v in answers.values())} of {len(answers)}"
     results["summary"] = summarize(results["rows"])
     print("\n| workload | clients | mode | tokens/s (median) | vs one at a time: median (min-max over rounds) | "
           "TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | finished |")
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['workload']} | {r['clients']} | {r['mode']} | {r['tokens_per_s']:.1f} | {shown} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['itl_p50'] * 1000:.0f} / {r['itl_p95'] * 1000:.0f} | "
               f"{r['finished']}/{r['requests']} |")
-    print(f"\nsame greedy answer for each prompt in every run: {results['same_answers']}")
+    print(f"\nsame greedy answer for each prompt in every run: {results['same_answers']} "
+          f"(prompts whose answers differ between runs: {results['prompts_with_differing_answers']})")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
