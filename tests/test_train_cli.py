@@ -13,7 +13,7 @@ from trainer.train_loop import MissingPrerequisites, RunFiles, build_parser, che
     ("--learning_rate", "nan"), ("--learning_rate", "inf"), ("--grad_clip", "-1"), ("--num_workers", "-1"),
     ("--max_seq_len", "0"), ("--log_interval", "0"), ("--save_interval", "0"), ("--hidden_size", "0"),
     ("--num_hidden_layers", "0"), ("--max_steps", "-1"), ("--seed", "-1"), ("--eval_interval", "-5"),
-    ("--eval_limit", "-1"), ("--batch_size", "two"),
+    ("--eval_limit", "-1"), ("--batch_size", "two"), ("--ddp_timeout", "0"),
 ])
 def test_bad_numbers_are_usage_errors_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
@@ -26,6 +26,25 @@ def test_good_edge_values_parse():
     args = build_parser("pretrain").parse_args(["--num_workers", "0", "--max_steps", "0", "--eval_interval", "0",
                                                 "--learning_rate", "1e-9", "--seed", "0"])
     assert (args.num_workers, args.max_steps, args.eval_interval, args.seed) == (0, 0, 0, 0)
+
+
+def test_ddp_timeout_reaches_the_process_group(monkeypatch):
+    """Rank 0 scores (--eval_data) while the other ranks wait in their next collective: the group's timeout
+    is the flag's, not torch's 10-minute NCCL default."""
+    import torch.distributed as dist
+
+    from trainer import train_loop
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    args = build_parser("sft").parse_args(["--ddp_timeout", "5400"])
+    env = train_loop.setup_distributed("cpu", args.ddp_timeout)
+    assert seen == {"backend": "gloo", "timeout": train_loop.timedelta(seconds=5400)}
+    assert (env.rank, env.world, env.ddp, env.main) == (1, 2, True, False)
+    assert build_parser("pretrain").parse_args([]).ddp_timeout == 1800
 
 
 def run_trainer(cmd: list[str]) -> subprocess.CompletedProcess:

@@ -28,6 +28,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
       "padding; attention never crosses rows); 0: pad every row to the batch's longest")
     a("--feature_cache", default=None, help="folder for an on-disk cache of the frozen encoder's features "
       "(worth it from the second epoch on)")
+    a("--ddp_timeout", type=positive_int, default=1800,
+      help="seconds a rank waits in a collective before DDP gives up (torch's NCCL default is 600); rank 0's "
+      "scoring (--eval_data) and saves make the others wait, so a long --eval_limit may need more")
     add_eval_args(p)
     return p
 
@@ -234,7 +238,7 @@ class Env:
         return self.rank == 0
 
 
-def setup_distributed(device: str) -> Env:
+def setup_distributed(device: str, timeout_s: int = 1800) -> Env:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (single- and multi-node alike); plain python does not."""
     if "RANK" not in os.environ:
         return Env(0, 0, 1, torch.device(device))
@@ -242,7 +246,7 @@ def setup_distributed(device: str) -> Env:
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return Env(dist.get_rank(), local_rank, dist.get_world_size(),
                torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
@@ -555,7 +559,7 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest) -> bool:
         stopping = stop.flag and not env.ddp  # under DDP the ranks agree on stopping at the next record
         if run.step % args.log_interval == 0 or finished or end_of_epoch or stopping:
             stopping = log_window(run, epoch, stop.flag)
-        if env.main and eval_due(args, run.step, finished):  # the other ranks wait at their next all-reduce
+        if env.main and eval_due(args, run.step, finished):  # the others wait at their next all-reduce (--ddp_timeout)
             run.progress.record(score_record(run.raw, run.dataset.tokenizer, args, run.step, run.autocast))
         if run.step % args.save_interval == 0 or finished or end_of_epoch or stopping:
             save(run, epoch, samples=skip + (micro + 1) * args.batch_size * env.world)
@@ -637,7 +641,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     files = RunFiles.of(args)
     check_prerequisites(args, files)  # before any process group: every rank sees the same files
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    env = setup_distributed(args.device)
+    env = setup_distributed(args.device, args.ddp_timeout)
     if not env.main:
         logging.getLogger().setLevel(logging.WARNING)
     run = setup(args, env, files)
