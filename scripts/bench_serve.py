@@ -56,12 +56,13 @@ def cpu_name() -> str:
 
 
 def shape_png(i: int) -> str:
-    """A 64x64 PNG data URI: a coloured square, a different one per prompt."""
+    """A 64x64 PNG data URI: a coloured square on white, a different image for every i < 256 (colour, corner
+    and size vary), so no two clients send the same image and the server's image cache saves nothing."""
     from PIL import Image, ImageDraw
     colours = [(220, 30, 30), (30, 160, 60), (40, 70, 220), (230, 200, 40)]
     img = Image.new("RGB", (64, 64), (255, 255, 255))
-    x, y = (i % 2) * 32 + 4, (i // 2 % 2) * 32 + 4
-    ImageDraw.Draw(img).rectangle([x, y, x + 24, y + 24], fill=colours[i % 4])
+    x, y, size = (i // 4 % 2) * 32 + 4, (i // 8 % 2) * 32 + 4, 24 - i // 16 % 16
+    ImageDraw.Draw(img).rectangle([x, y, x + size, y + size], fill=colours[i % 4])
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -70,7 +71,7 @@ def shape_png(i: int) -> str:
 def messages(workload: str, i: int) -> list[dict]:
     if workload == "text":
         return [{"role": "user", "content": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}]
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": shape_png(i % 8)}},
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": shape_png(i)}},
                                          {"type": "text", "text": IMAGE_QUESTIONS[i % len(IMAGE_QUESTIONS)]}]}]
 
 
@@ -154,7 +155,7 @@ def run_level(url: str, workload: str, clients: int, max_tokens: int) -> dict:
     return {"clients": clients, "finished": len(done), "tokens": tokens, "seconds": end - start,
             "tokens_per_s": tokens / (end - start), "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
             "itl_p50": pct(gaps, 0.5), "itl_p95": pct(gaps, 0.95),
-            "answers": {i % 8: o["text"] for i, o in enumerate(outs) if o.get("finished")}}
+            "answers": {i: o["text"] for i, o in enumerate(outs) if o.get("finished")}}
 
 
 def make_weights(folder: Path, hidden: int, layers: int) -> None:

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.argtypes import int_range, non_negative_int, positive_float, positive_int
 from model.chat import ChatInputError, check_text, encode_chat, image_tensor
-from model.engine import DEFAULT_MAX_CONTEXT, PREFILL_BUDGET, Engine, EngineBusy, EngineClosed, GenRequest, Handle
+from model.engine import DEFAULT_MAX_CONTEXT, IMAGE_CACHE, PREFILL_BUDGET, Engine, EngineBusy, EngineClosed, GenRequest, Handle
 from model.load import ModelLoadError, add_model_args, add_serve_args, load_model
 from model.processor import IMAGE_MARKER, MAX_ASPECT, MAX_IMAGE_PIXELS, MiniMindVLMProcessor
 
@@ -431,6 +431,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=non_negative_int, default=0,
                    help="torch threads for the model (0: torch's default, one per core). On a machine where other "
                         "programs keep cores busy, leave them one: each parallel op waits for its slowest thread")
+    g.add_argument("--image_cache", type=non_negative_int, default=IMAGE_CACHE,
+                   help="images whose vision features are kept for later requests (a chat re-sends its images "
+                        "every turn); 0: none")
     g.add_argument("--prefill_budget", type=positive_int, default=PREFILL_BUDGET,
                    help="prompt tokens prefilled per step; longer prompts are prefilled in chunks between decode steps")
     g.add_argument("--max_connections", type=positive_int, default=Limits.max_connections,
@@ -466,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_context=args.max_context, prefill_budget=args.prefill_budget)
+                    max_context=args.max_context, prefill_budget=args.prefill_budget, image_cache=args.image_cache)
     import uvicorn
     uvicorn.run(create_app(engine, name, args.api_key, limits), host=args.host, port=args.port,
                 timeout_graceful_shutdown=5, log_level="warning")

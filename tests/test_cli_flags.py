@@ -39,6 +39,7 @@ BAD = [
     ("scripts.serve_openai_api", [], "--port", "-1"),
     ("scripts.serve_openai_api", [], "--max_batch", "0"),
     ("scripts.serve_openai_api", [], "--threads", "-1"),
+    ("scripts.serve_openai_api", [], "--image_cache", "-1"),
     ("scripts.serve_openai_api", [], "--max_queue", "-1"),
     ("scripts.serve_openai_api", [], "--max_context", "1"),
     ("scripts.serve_openai_api", [], "--max_connections", "0"),

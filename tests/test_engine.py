@@ -6,7 +6,16 @@ import time
 import pytest
 import torch
 
-from model.engine import Detokenizer, Engine, EngineBusy, GenRequest, row_uniform, sample_rows, transpose_linear_storage
+from model.engine import (
+    Detokenizer,
+    Engine,
+    EngineBusy,
+    GenRequest,
+    ImageFeatureCache,
+    row_uniform,
+    sample_rows,
+    transpose_linear_storage,
+)
 from model.generate import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +42,7 @@ def tok():
 
 @pytest.fixture
 def engine(model, tok):
-    eng = Engine(model, tok, max_batch=16, max_queue=32)
+    eng = Engine(model, tok, max_batch=16, max_queue=32, image_cache=0)  # every image encoded where it comes
     yield eng
     eng.close()
 
@@ -270,3 +279,58 @@ def test_close_ends_every_request_with_an_error(model, tok):
             assert evs[-1].error == "the server is shutting down"
     finally:
         hook.remove()
+
+
+def test_images_seen_before_are_not_encoded_again(model, tok, monkeypatch):
+    """A chat re-sends its images every turn: features come from the cache, with the same tokens."""
+    calls = []
+    encode = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda px, *a: calls.append(len(px)) or encode(px, *a))
+    first = request(1, 10, 2, max_new_tokens=8)            # images A, B
+    second = request(2, 12, 1, max_new_tokens=8)           # image C
+    second.pixel_values = torch.cat([first.pixel_values, second.pixel_values])  # A, B, C: a follow-up turn
+    second.input_ids = [34] * 196 * 2 + second.input_ids
+    fresh = Engine(model, tok, max_batch=4, image_cache=0)
+    try:
+        expected = [tokens(fresh.submit(r)) for r in (first, second)]
+    finally:
+        fresh.close()
+    assert calls == [2, 3]
+    calls.clear()
+    eng = Engine(model, tok, max_batch=4, image_cache=8)
+    try:
+        got = [tokens(eng.submit(r)) for r in (first, second)]
+        assert got == expected and calls == [2, 1]            # the second turn encodes only C
+        assert (eng.image_cache.hits, eng.image_cache.misses, len(eng.image_cache)) == (2, 3, 3)
+        together = [eng.submit(r) for r in (first, second)]  # both from the cache, batched
+        assert [tokens(h) for h in together] == expected and calls == [2, 1]
+    finally:
+        eng.close()
+
+
+def test_an_image_twice_in_one_batch_is_encoded_once(model, tok, monkeypatch):
+    calls = []
+    encode = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda px, *a: calls.append(len(px)) or encode(px, *a))
+    r = request(3, 8, 1, max_new_tokens=6)
+    twice = request(3, 8, 2, max_new_tokens=6)
+    twice.pixel_values = torch.cat([r.pixel_values, r.pixel_values])
+    eng = Engine(model, tok, max_batch=4, image_cache=0)
+    try:
+        alone = tokens(eng.submit(twice))
+        assert calls == [1] and len(eng.image_cache) == 0       # capacity 0 keeps nothing
+        handles = [eng.submit(r), eng.submit(twice)]
+        assert tokens(handles[1]) == alone and calls == [1, 1]
+    finally:
+        eng.close()
+
+
+def test_image_cache_drops_the_least_recently_used():
+    cache = ImageFeatureCache(2)
+    a, b, c = (ImageFeatureCache.key(torch.full((3, 4, 4), float(i))) for i in range(3))
+    assert len({a, b, c}) == 3 and ImageFeatureCache.key(torch.full((3, 4, 4), 0.0)) == a
+    cache.put(a, torch.zeros(1))
+    cache.put(b, torch.ones(1))
+    assert cache.get(a) is not None      # a is now the most recent
+    cache.put(c, torch.ones(1))          # drops b
+    assert cache.get(b) is None and cache.get(a) is not None and cache.get(c) is not None and len(cache) == 2
