@@ -281,11 +281,18 @@ def test_close_ends_every_request_with_an_error(model, tok):
         hook.remove()
 
 
-def test_images_seen_before_are_not_encoded_again(model, tok, monkeypatch):
-    """A chat re-sends its images every turn: features come from the cache, with the same tokens."""
-    calls = []
+@pytest.fixture
+def encoder_calls(model, monkeypatch) -> list[int]:
+    """The number of images in each call of the model's vision encoder, as the test runs."""
+    calls: list[int] = []
     encode = model.encode_images
     monkeypatch.setattr(model, "encode_images", lambda px, *a: calls.append(len(px)) or encode(px, *a))
+    return calls
+
+
+def test_images_seen_before_are_not_encoded_again(model, tok, encoder_calls):
+    """A chat re-sends its images every turn: features come from the cache, with the same tokens."""
+    calls = encoder_calls
     first = request(1, 10, 2, max_new_tokens=8)            # images A, B
     second = request(2, 12, 1, max_new_tokens=8)           # image C
     second.pixel_values = torch.cat([first.pixel_values, second.pixel_values])  # A, B, C: a follow-up turn
@@ -308,10 +315,8 @@ def test_images_seen_before_are_not_encoded_again(model, tok, monkeypatch):
         eng.close()
 
 
-def test_an_image_twice_in_one_batch_is_encoded_once(model, tok, monkeypatch):
-    calls = []
-    encode = model.encode_images
-    monkeypatch.setattr(model, "encode_images", lambda px, *a: calls.append(len(px)) or encode(px, *a))
+def test_an_image_twice_in_one_batch_is_encoded_once(model, tok, encoder_calls):
+    calls = encoder_calls
     r = request(3, 8, 1, max_new_tokens=6)
     twice = request(3, 8, 2, max_new_tokens=6)
     twice.pixel_values = torch.cat([r.pixel_values, r.pixel_values])
