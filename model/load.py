@@ -21,7 +21,7 @@ from . import DEFAULT_CLIP, DEFAULT_TOKENIZER, resolve
 from .argtypes import port_int, positive_int
 from .model_minimind import MiniMindConfig
 from .model_vlm import MiniMindVLM, VLMConfig
-from .processor import TokenizerNotFoundError, load_tokenizer, vision_geometry
+from .processor import TokenizerNotFoundError, load_tokenizer, tower_geometry_or_published
 from .stock_export import StockExportError, read_config, stock_state
 from .weights import (
     SHAPE_FLAGS,
@@ -158,11 +158,8 @@ def read_native(args: argparse.Namespace) -> tuple[Path, VLMConfig, dict[str, to
         raise ModelLoadError(str(e)) from None
     for k in SHAPE_FLAGS:
         setattr(args, k, int(shape[k]))
-    try:  # a .pth has no config: the image geometry is the vision tower's own
-        geometry = vision_geometry(resolve(args.vision_model_path))
-    except FileNotFoundError:  # no tower at hand (e.g. converting text-only): the published geometry
-        geometry = {}
-    return path, VLMConfig(**shape, **geometry), state
+    # A .pth has no config: the image geometry is the vision tower's own (the published one without a tower).
+    return path, VLMConfig(**shape, **tower_geometry_or_published(resolve(args.vision_model_path))), state
 
 
 # Everything our config.json may carry that our config classes take (the rest, e.g. auto_map, is ignored).

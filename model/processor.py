@@ -88,6 +88,16 @@ def vision_geometry(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def tower_geometry_or_published(path: str | Path | None) -> dict[str, Any]:
+    """vision_geometry of the tower folder when there is one, else {} (a config then keeps the published
+    ViT-B/16 geometry): for work that needs the geometry but not the tower, e.g. checking data or
+    converting text-only weights."""
+    try:
+        return vision_geometry(path) if path else {}
+    except FileNotFoundError:
+        return {}
+
+
 def check_geometry(config: Any, geometry: dict[str, Any], where: str | Path) -> None:
     """One-line ValueError unless a vision tower (`geometry`, from vision_geometry or geometry_of) fits the
     model's config."""

@@ -22,7 +22,7 @@ from dataset.lm_dataset import BAD_KINDS, BadRow, VLMDataset
 from model import DEFAULT_CLIP, DEFAULT_TOKENIZER, PROJECT_TOKENIZER, resolve
 from model.argtypes import non_negative_int, positive_int
 from model.model_vlm import VLMConfig
-from model.processor import MiniMindVLMProcessor, load_tokenizer, vision_geometry
+from model.processor import MiniMindVLMProcessor, load_tokenizer, tower_geometry_or_published
 
 BINS = [0, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 4096]
 
@@ -60,7 +60,7 @@ def check(path: Path, tokenizer_path: Path, max_seq_len: int, images_path: Path 
           num_workers: int, decode_images: bool, examples: int = 5, vision_model_path: Path | None = None) -> int:
     """Print the report; the image geometry (input size, slot length) is vision_model_path's when that
     folder exists, else the published one."""
-    geometry = vision_geometry(vision_model_path) if vision_model_path and (vision_model_path / "config.json").is_file() else {}
+    geometry = tower_geometry_or_published(vision_model_path)
     processor = MiniMindVLMProcessor.from_config(VLMConfig(**geometry), load_tokenizer(tokenizer_path))
     ds = VLMDataset(path, processor, max_length=max_seq_len, image_root=images_path)
     lengths = ds.lengths()
