@@ -7,7 +7,7 @@ import torch
 
 import eval_vlm
 from model.model_vlm import MiniMindVLM, VLMConfig
-from model.processor import vision_geometry
+from model.processor import tower_geometry_or_published, vision_geometry
 from scripts.convert_vlm import main as convert
 from tests.infer_helpers import model_flags, png_bytes
 from tests.train_helpers import make_data, tiny_flags
@@ -44,6 +44,12 @@ def test_the_tower_sets_the_geometry(small_clip):
     assert model.vision_proj.vision_proj[0].weight.shape == (64, 384)
     feats = model.encode_images(torch.zeros(1, 1, 3, 112, 112))
     assert feats.shape == (1, 1, PATCHES, 384)
+
+
+def test_without_a_tower_the_published_geometry_stays(small_clip, tmp_path):
+    assert tower_geometry_or_published(small_clip) == vision_geometry(small_clip)
+    assert tower_geometry_or_published(tmp_path / "no_tower") == {} == tower_geometry_or_published(None)
+    assert VLMConfig(**tower_geometry_or_published(None)).image_ids == [34] * 196
 
 
 def test_a_misfit_tower_is_a_one_line_error(small_clip, tiny_clip):
