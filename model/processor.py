@@ -259,13 +259,9 @@ def pad_images(per_sample: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None,
     """Each sample's [n_i, 3, S, S] images -> (pixel_values [B, max n_i, 3, S, S] zero-padded, or None
     when no sample has one; num_images LongTensor [B]): the batch layout the model takes."""
     num_images = torch.tensor([t.shape[0] for t in per_sample], dtype=torch.long)
-    n_max = int(num_images.max()) if len(per_sample) else 0
-    if not n_max:
+    if not len(per_sample) or not int(num_images.max()):
         return None, num_images
-    out = per_sample[0].new_zeros(len(per_sample), n_max, *next(t for t in per_sample if len(t)).shape[1:])
-    for b, t in enumerate(per_sample):
-        out[b, :t.shape[0]] = t
-    return out, num_images
+    return torch.nn.utils.rnn.pad_sequence(list(per_sample), batch_first=True), num_images
 
 
 # ------------------------------------------------------------------------------------------ slots in token ids

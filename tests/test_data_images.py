@@ -133,3 +133,13 @@ def test_image_processor_checks_a_lazily_opened_image_first(decodes):
         with pytest.raises(ImageError, match="too large"):
             preprocess_image(lazy)
     assert decodes == []
+
+
+def test_pad_images_lays_out_each_samples_images_zero_padded():
+    from model.processor import pad_images
+    a, c = torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    pixels, num = pad_images([a, torch.zeros(0, 3, 8, 8), c])
+    assert pixels.shape == (3, 2, 3, 8, 8) and num.tolist() == [2, 0, 1]
+    assert torch.equal(pixels[0], a) and torch.equal(pixels[2, :1], c)
+    assert not pixels[1].any() and not pixels[2, 1].any()
+    assert pad_images([torch.zeros(0, 3, 8, 8)] * 2)[0] is None and pad_images([])[0] is None
