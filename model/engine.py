@@ -310,8 +310,8 @@ class _DecodeCache:
 
 class ImageFeatureCache:
     """The vision features of the most recently used distinct images, keyed by a hash of their pixels
-    (least recently used dropped first; capacity 0 keeps nothing). `hits` counts images served from it,
-    `misses` images encoded."""
+    (least recently used dropped first; capacity 0 keeps nothing). `misses` counts images encoded, `hits`
+    the others (served from the cache, or a second copy in the same batch)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -321,7 +321,8 @@ class ImageFeatureCache:
     @staticmethod
     def key(pixels: torch.Tensor) -> bytes:
         """A digest of one image's preprocessed pixels [3, S, S] (their exact bytes)."""
-        return hashlib.blake2b(pixels.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+        raw = pixels.detach().cpu().contiguous().view(torch.uint8)  # any dtype's exact bytes
+        return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).digest()
 
     def __len__(self) -> int:
         return len(self._features)
@@ -731,13 +732,14 @@ class Engine:
         keys = [cache.key(im) for im in images]
         found = {k: f for k in dict.fromkeys(keys) if (f := cache.get(k)) is not None}
         new = {k: i for i, k in enumerate(keys) if k not in found}  # the last copy of each new image
-        cache.hits += len(keys) - sum(k in new for k in keys)
+        cache.hits += len(keys) - len(new)
         cache.misses += len(new)
         if new:
             encoded = self.model.encode_images(images[list(new.values())].to(self.device))[:, 0]  # [m, P, W]
-            for k, f in zip(new, encoded):
+            for k, f in zip(new, encoded.unbind(0)):
                 found[k] = f
-                cache.put(k, f)
+                # a copy: a view would keep the whole call's output (every image, CLS row included) alive
+                cache.put(k, f.clone() if cache.capacity else f)
         feats = torch.stack([found[k] for k in keys])
         real = torch.arange(int(num_images.max()))[None, :] < num_images[:, None]  # [B, Nmax]
         out = feats.new_zeros(len(handles), real.shape[1], *feats.shape[1:])

@@ -220,7 +220,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         batch = layouts["padded"][i]
         sync()
         t = time.perf_counter()
-        encode_images(model, batch["pixel_values"], batch["num_images"])
+        with autocast:  # as the training step runs it
+            encode_images(model, batch["pixel_values"], batch["num_images"])
         sync()
         enc.append(time.perf_counter() - t)
     samples = sum(len(layouts["padded"][i]["index"]) for i in timed)

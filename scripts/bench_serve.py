@@ -57,7 +57,8 @@ def cpu_name() -> str:
 
 def shape_png(i: int) -> str:
     """A 64x64 PNG data URI: a coloured square on white, a different image for every i < 256 (colour, corner
-    and size vary), so no two clients send the same image and the server's image cache saves nothing."""
+    and size vary), so no two clients of a level send the same image. (The servers run with --image_cache 0:
+    the same client index sends the same image in every round, and each image is to be encoded each time.)"""
     from PIL import Image, ImageDraw
     colours = [(220, 30, 30), (30, 160, 60), (40, 70, 220), (230, 200, 40)]
     img = Image.new("RGB", (64, 64), (255, 255, 255))
@@ -93,15 +94,16 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         import httpx
         deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); see {log_path}")
+        while time.time() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.3)
-        raise RuntimeError(f"server did not start; see {log_path}")
+        exited = self.proc.poll()
+        self.close()  # not left running (or holding its log open) when it never answered
+        raise RuntimeError(f"server {'exited (' + str(exited) + ')' if exited is not None else 'did not start in 180 s'}; "
+                           f"see {log_path}")
 
     def close(self) -> None:
         self.proc.terminate()
@@ -136,16 +138,24 @@ async def drive(url: str, workload: str, clients: int, max_tokens: int) -> list[
     pool = httpx.AsyncClient(limits=httpx.Limits(max_connections=clients, max_keepalive_connections=clients))
     async with AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=1800, http_client=pool) as client:
         # A failed request leaves its `out` without "finished"; the level reports it as unfinished.
-        await asyncio.gather(*(one_request(client, messages(workload, i), max_tokens, outs[i]) for i in range(clients)),
-                             return_exceptions=True)
+        results = await asyncio.gather(*(one_request(client, messages(workload, i), max_tokens, outs[i])
+                                         for i in range(clients)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        print(f"  {len(errors)} of {clients} requests failed, e.g. {type(errors[0]).__name__}: {errors[0]}", flush=True)
     return outs
 
 
 def run_level(url: str, workload: str, clients: int, max_tokens: int) -> dict:
     outs = asyncio.run(drive(url, workload, clients, max_tokens))
     done = [o for o in outs if o.get("finished")]
+    timed = [o for o in done if o["times"]]
+    if not timed:  # every request failed (or none streamed a token): the level reports that, the run goes on
+        nan = float("nan")
+        return {"clients": clients, "finished": len(done), "tokens": 0, "seconds": nan, "tokens_per_s": nan,
+                "ttft_p50": nan, "ttft_p95": nan, "itl_p50": nan, "itl_p95": nan, "answers": {}}
     start = min(o["t0"] for o in done)
-    end = max(o["times"][-1] for o in done if o["times"])
+    end = max(o["times"][-1] for o in timed)
     tokens = sum(o["tokens"] for o in done)
     ttft = sorted(o["times"][0] - o["t0"] for o in done if o["times"])
     gaps = sorted(b - a for o in done for a, b in zip(o["times"], o["times"][1:]))
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = ["--save_dir", str(work), "--weight", "bench", "--hidden_size", str(args.hidden_size),
              "--num_hidden_layers", str(args.num_hidden_layers), "--vision_model_path", str(clip),
              "--tokenizer_path", str(PROJECT_TOKENIZER), "--device", "cpu", "--max_queue", "256",
-             "--threads", str(args.threads)]
+             "--threads", str(args.threads), "--image_cache", "0"]
     flags += ["--dtype", args.dtype] + (["--quantize", args.quantize] if args.quantize else [])
     modes = {"batched": args.max_batch, "one at a time": 1}
     results: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "model": f"{args.hidden_size} x "

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# What one short GPU session measures, in at most 480 s of wall time on one H100/H200 (the device's
-# 15 minutes then leave room for a rerun). Run from anywhere in the repo; needs no install (PYTHONPATH):
+# What one short GPU session measures, in at most 480 s of wall time on one H100/H200 (a 15-minute loan
+# then leaves room for a cut-down rerun: SEEDS="0" BUDGET=300). Run from anywhere in the repo; needs no
+# install (PYTHONPATH):
 #
 #     bash scripts/gpu_measure.sh LOG_DIR           # on the GPU machine
 #     DRY=1 bash scripts/gpu_measure.sh LOG_DIR     # the same steps on the CPU at toy sizes: checks the plumbing
 #
 # LOG_DIR gets summary.txt (every figure; also printed at the end) and logs.tgz (each step's log and
-# JSON, each seed's scores, metrics and SFT weights). The work (data, weights) goes to WORK
+# JSON, each seed's scores and metrics; the weights stay behind, the tarball must stay small to come
+# back). The work (data, weights) goes to WORK
 # (default /tmp/gpu_measure); SEEDS (default "0 1 2") picks the quickstart seeds. Python: $PYTHON, else
 # the first of python3 and /opt/torch/.venv/bin/python3 whose torch sees CUDA (DRY: whose torch imports). If its transformers is older than the project's
 # 5.21 and a wheel lies in .whl/, that wheel is installed into /tmp/site first (no network needed).
@@ -76,7 +78,7 @@ step() {  # step NAME SECONDS CMD...: run under a timeout that also respects the
 
 bundle() {  # the step logs and each seed's results into $LOG/logs.tgz, then the summary
     for d in "$WORK"/qs*; do
-        [ -d "$d" ] && mkdir -p "$L/$(basename "$d")" && cp "$d"/*.json "$d"/*metrics.jsonl "$d"/sft_vlm_128.pth "$L/$(basename "$d")/" 2>/dev/null
+        [ -d "$d" ] && mkdir -p "$L/$(basename "$d")" && cp "$d"/*.json "$d"/*metrics.jsonl "$L/$(basename "$d")/" 2>/dev/null
     done
     $PY scripts/gpu_summary.py "$L" "$WORK" "${SEEDS// /,}" >"$LOG/summary.txt" 2>"$L/summary.err"
     cp "$LOG/summary.txt" "$L/"

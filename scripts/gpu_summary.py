@@ -97,6 +97,9 @@ def bench_section(logs: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] in ("-h", "--help"):
+        raise SystemExit("usage: python scripts/gpu_summary.py LOG_DIR WORK_DIR [SEEDS, e.g. 0,1,2] "
+                         "(gpu_measure.sh runs it; it prints the summary)")
     logs, work = Path(args[0]), Path(args[1])
     seeds = [int(s) for s in (args[2] if len(args) > 2 else "0,1,2").split(",")]
     device = (logs / "device.txt").read_text().strip() if (logs / "device.txt").exists() else "unknown device"

@@ -37,3 +37,12 @@ def test_summary_takes_the_speed_up_round_by_round():
     assert b16["tokens_per_s"] == 600.0 and b16["requests"] == 48 and b16["finished"] == 47
     assert lines[(4, "batched")]["speedups"] == [3.5]
     assert "speedup" not in lines[(16, "one at a time")]
+
+
+def test_a_level_whose_requests_all_fail_is_reported_not_raised(capsys):
+    import math
+
+    from scripts.bench_serve import free_port, run_level
+    r = run_level(f"http://127.0.0.1:{free_port()}", "text", 2, 4)  # nobody listens there
+    assert r["finished"] == 0 and r["tokens"] == 0 and math.isnan(r["tokens_per_s"])
+    assert "2 of 2 requests failed" in capsys.readouterr().out

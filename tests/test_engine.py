@@ -339,3 +339,16 @@ def test_image_cache_drops_the_least_recently_used():
     assert cache.get(a) is not None      # a is now the most recent
     cache.put(c, torch.ones(1))          # drops b
     assert cache.get(b) is None and cache.get(a) is not None and cache.get(c) is not None and len(cache) == 2
+
+
+def test_cached_features_own_their_memory(model, tok):
+    """Each entry holds one image's features, not a view of the whole encoder output it came from."""
+    eng = Engine(model, tok, max_batch=4, image_cache=8)
+    try:
+        tokens(eng.submit(request(5, 8, 3, max_new_tokens=2)))
+        entries = list(eng.image_cache._features.values())
+        assert len(entries) == 3
+        for f in entries:
+            assert f.untyped_storage().nbytes() == f.numel() * f.element_size()
+    finally:
+        eng.close()
