@@ -29,7 +29,6 @@ from .processor import (
     DEFAULT_VISION_WIDTH,
     IMAGE_PLACEHOLDER,
     check_geometry,
-    count_slots,
     image_slots,
     missing_tower_message,
     num_patches,
@@ -162,7 +161,8 @@ class MiniMindVLM(MiniMindForCausalLM):
             image_features = self.encode_images(pixel_values, num_images)
         if input_ids.shape[1] == 1 and image_features is None:
             return h  # a decode step: one new text token
-        n_slots = count_slots(input_ids, self.config.image_token_id, len(self.config.image_ids))
+        in_slot, image_idx, patch_idx = image_slots(input_ids, self.config.image_token_id, len(self.config.image_ids))
+        n_slots = (in_slot & (patch_idx == 0)).sum(dim=1)  # count_slots, from the same pass
         given = self._images_given(image_features, num_images, input_ids)
         if bool((n_slots != given).any()):
             bad = int((n_slots != given).nonzero()[0, 0])
@@ -172,7 +172,6 @@ class MiniMindVLM(MiniMindForCausalLM):
             if self.training:  # DDP needs every trainable parameter in the graph, images or not
                 h = h + 0.0 * self.vision_proj(h.new_zeros(1, self.config.vision_hidden_size)).sum()
             return h
-        in_slot, image_idx, patch_idx = image_slots(input_ids, self.config.image_token_id, len(self.config.image_ids))
         proj = self.vision_proj(image_features.to(h.dtype))  # [B, N, P, H]
         b, t = in_slot.nonzero(as_tuple=True)
         return h.index_put((b, t), proj[b, image_idx[b, t], patch_idx[b, t]].to(h.dtype))
