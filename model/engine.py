@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .processor import MiniMindVLMProcessor
+from .processor import MiniMindVLMProcessor, pad_images
 
 log = logging.getLogger("minimind")
 
@@ -322,7 +322,7 @@ class ImageFeatureCache:
     def key(pixels: torch.Tensor) -> bytes:
         """A digest of one image's preprocessed pixels [3, S, S] (their exact bytes)."""
         raw = pixels.detach().cpu().contiguous().view(torch.uint8)  # any dtype's exact bytes
-        return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).digest()
+        return hashlib.blake2b(raw.numpy(), digest_size=16).digest()  # hashes the buffer, no copy
 
     def __len__(self) -> int:
         return len(self._features)
@@ -740,11 +740,8 @@ class Engine:
                 found[k] = f
                 # a copy: a view would keep the whole call's output (every image, CLS row included) alive
                 cache.put(k, f.clone() if cache.capacity else f)
-        feats = torch.stack([found[k] for k in keys])
-        real = torch.arange(int(num_images.max()))[None, :] < num_images[:, None]  # [B, Nmax]
-        out = feats.new_zeros(len(handles), real.shape[1], *feats.shape[1:])
-        out[real.to(out.device)] = feats
-        return out, num_images.to(self.device)
+        feats = torch.stack([found[k] for k in keys]).split(num_images.tolist())  # per newcomer, slot order
+        return pad_images(feats)[0], num_images.to(self.device)
 
     def _decode(self, tokens: torch.Tensor) -> None:
         """One forward of every running row's newest token."""

@@ -257,7 +257,8 @@ def flatten_images(images: Any) -> list:
 
 def pad_images(per_sample: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Each sample's [n_i, 3, S, S] images -> (pixel_values [B, max n_i, 3, S, S] zero-padded, or None
-    when no sample has one; num_images LongTensor [B]): the batch layout the model takes."""
+    when no sample has one; num_images LongTensor [B]): the batch layout the model takes. Works for any
+    per-image tensors alike (the engine pads vision features [n_i, P, W] with it)."""
     num_images = torch.tensor([t.shape[0] for t in per_sample], dtype=torch.long)
     if not len(per_sample) or not int(num_images.max()):
         return None, num_images
