@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from scripts.plot_metrics import read_metrics
+from scripts.quickstart import HIDDEN
+
 # The published recipe's data and epochs (rows of the caption and instruction files).
 RECIPE = {"pretrain": dict(rows=595_000, epochs=4), "sft": dict(rows=300_000, epochs=2)}
 # The same quickstart on a CPU (torch 2.13, uniform order + packing), seeds 0 1 2: score, and the mean
@@ -25,15 +28,23 @@ def read_json(path: Path) -> dict | None:
 
 
 def stage_metrics(path: Path) -> tuple[float | None, float | None]:
-    """(mean loss over the last 50 steps, seconds) of a trainer metrics file; None where absent."""
+    """(mean loss over the last 50 steps, seconds) of a trainer metrics file; None where absent. A run killed
+    by its time limit may leave a torn last line: read_metrics skips it, and so does the summary lookup."""
     try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        steps, losses = read_metrics(path)
+        lines = path.read_text().splitlines()
+    except OSError:
         return None, None
-    steps = [r for r in records if "summary" not in r]
-    summary = next((r for r in records if "summary" in r), {})
-    tail = [r["loss"] for r in steps if r["step"] > steps[-1]["step"] - 50] if steps else []
-    return (sum(tail) / len(tail) if tail else None), summary.get("time_s")
+    tail = [loss for step, loss in zip(steps, losses) if step > steps[-1] - 50] if steps else []
+    seconds = None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "summary" in rec:
+            seconds = rec.get("time_s")
+    return (sum(tail) / len(tail) if tail else None), seconds
 
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
@@ -48,7 +59,7 @@ def quickstart_section(logs: Path, work: Path, seeds: list[int]) -> list[str]:
         qs = work / f"qs{seed}"
         real, blank = read_json(qs / "eval.json"), read_json(qs / "eval_blank.json")
         cpu = read_json(logs / f"qs{seed}_cpu_eval.json")
-        (pl, pt), (sl, st) = stage_metrics(qs / "pretrain_vlm_128_metrics.jsonl"), stage_metrics(qs / "sft_vlm_128_metrics.jsonl")
+        (pl, pt), (sl, st) = (stage_metrics(qs / f"{stage}_vlm_{HIDDEN}_metrics.jsonl") for stage in ("pretrain", "sft"))
         kinds = "/".join(f"{v['accuracy']:.2f}" for _, v in sorted(real["per_kind"].items())) if real else "-"
         ref = CPU_REFERENCE.get(seed)
         lines.append(" | ".join([str(seed), fmt(real and real["accuracy"]), kinds, fmt(blank and blank["accuracy"]),

@@ -26,3 +26,13 @@ def test_summary_of_missing_and_partial_results(tmp_path, capsys):
     assert "qs0\t124\t300" in out
     assert "0 | 0.800 | 1.00/0.60 | - | - |" in out  # what is there; the rest marked missing
     assert "no result (see compare.log)" in out and "no result (see bench_pretrain.log)" in out
+
+
+def test_stage_metrics_survive_a_torn_last_line(tmp_path):
+    from scripts.gpu_summary import stage_metrics
+    log = tmp_path / "sft_vlm_128_metrics.jsonl"
+    records = [{"step": s, "loss": float(s)} for s in (10, 40, 60, 100)] + [{"summary": True, "time_s": 12.5}]
+    log.write_text("\n".join(json.dumps(r) for r in records) + '\n{"step": 110, "lo')  # killed mid-write
+    loss, seconds = stage_metrics(log)
+    assert loss == pytest.approx((60 + 100) / 2) and seconds == 12.5  # steps after 100 - 50
+    assert stage_metrics(tmp_path / "absent.jsonl") == (None, None)
