@@ -29,15 +29,14 @@ share of a step, FLOPs per step (torch's FlopCounterMode) and the achieved FLOP/
 On a GPU whose dense peak is known (`PEAK_TFLOPS`), also the model FLOP utilisation (MFU): the
 achieved FLOP/s over that peak at the step's precision.
 
-`decode`: when scripts/bench_decode.py exists, its `bench_decode(args) -> dict` runs too and its
-rows are added (it may also define `add_arguments(parser)` for its own flags).
+`decode`: scripts/bench_decode.py's `bench_decode(args) -> dict` runs too and its rows are added (its
+`add_arguments(parser)` adds its own flags).
 
 Results: a table on stdout and JSON in --out (default bench_results/bench.json, git-ignored).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -98,24 +97,13 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench_results" / "bench.json"))
-    decode = decode_module()
-    if decode is not None and hasattr(decode, "add_arguments"):
-        decode.add_arguments(ap)
+    from scripts import bench_decode
+    bench_decode.add_arguments(ap)
     return ap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return get_parser().parse_args(argv)
-
-
-def decode_module():
-    path = ROOT / "scripts" / "bench_decode.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +274,9 @@ def main() -> None:
         for m in MODES[1:]:
             print(f"speed-up {m} / original: {result['train']['speedup'][m]:.2f}x samples/s, "
                   f"{result['train']['flop_ratio'][m]:.2f}x fewer FLOPs per step")
-    decode = decode_module() if "decode" in parts else None
-    if decode is not None:
-        result["decode"] = decode.bench_decode(args)
+    if "decode" in parts:
+        from scripts.bench_decode import bench_decode
+        result["decode"] = bench_decode(args)
         print("decode: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in result["decode"].items()))
     out = Path(args.out)
