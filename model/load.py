@@ -25,6 +25,7 @@ from .processor import TokenizerNotFoundError, load_tokenizer, tower_geometry_or
 from .stock_export import StockExportError, read_config, stock_state
 from .weights import (
     SHAPE_FLAGS,
+    VISION_PREFIX,
     WeightError,
     check_shape,
     folder_weight_file,
@@ -240,7 +241,8 @@ def parse_weight_name(path: str | Path) -> dict:
     return {"weight": "_".join(parts[:-1]), "hidden_size": int(parts[-1]), "use_moe": int(use_moe)}
 
 
-def _tokenizer(path: str | Path):
+def tokenizer_or_error(path: str | Path):
+    """The tokenizer at `path` (repo-root relative works too), or a ModelLoadError saying where to get one."""
     try:
         return load_tokenizer(resolve(path))
     except TokenizerNotFoundError as e:
@@ -259,12 +261,12 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
             load_state(model, state, path)
         except WeightError as e:
             raise ModelLoadError(str(e)) from None
-        tokenizer = _tokenizer(args.tokenizer_path)
+        tokenizer = tokenizer_or_error(args.tokenizer_path)
     else:
         folder = resolve(args.load_from)
         model = load_folder(folder, args)
         has_tok = (folder / "tokenizer.json").exists()
-        tokenizer = _tokenizer(folder if has_tok else args.tokenizer_path)
+        tokenizer = tokenizer_or_error(folder if has_tok else args.tokenizer_path)
     # The vision tower is attached separately: it is never part of a MiniMind-V checkpoint.
     try:
         model.attach_vision_encoder(resolve(args.vision_model_path))
@@ -276,6 +278,6 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindVLM, object]:
         if device.type != "cpu" or dtype != torch.float32:
             raise ModelLoadError("--quantize is for the CPU in float32 (on a GPU use --dtype bfloat16)")
         quantize(model, method)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision_encoder."))
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(VISION_PREFIX))
     log.info("model: %.2fM parameters (vision tower excluded) on %s, %s", n_params / 1e6, device, dtype)
     return model, tokenizer

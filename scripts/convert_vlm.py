@@ -35,17 +35,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from model import resolve
-from model.load import ModelLoadError, add_model_args, read_folder, read_native
+from model.load import ModelLoadError, add_model_args, read_folder, read_native, tokenizer_or_error
 from model.model_minimind import MiniMindForCausalLM
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_encoder
 from model.processor import MiniMindVLMImageProcessor, MiniMindVLMProcessor, TokenizerNotFoundError, load_tokenizer
 from model.stock_export import StockExportError, build_llama, build_llava, build_processor, check_dense, check_moe
-from model.weights import PROJ_PREFIX, SHAPE_FLAGS, WeightError, check_shape, load_state, save_weights, weight_path
+from model.weights import PROJ_PREFIX, SHAPE_FLAGS, VISION_PREFIX, WeightError, check_shape, load_state, save_weights, weight_path
 
 log = logging.getLogger("minimind")
 CLIP_HUB_ID = "openai/clip-vit-base-patch16"
@@ -86,7 +85,7 @@ def load_native(args: argparse.Namespace, direction: str) -> tuple[Path, VLMConf
 
 
 def lm_and_proj_state(model: MiniMindVLM) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(VISION_PREFIX)}
 
 
 def prepare_out_dir(out_dir: str | None, src: Path, suffix: str) -> Path:
@@ -103,14 +102,6 @@ def prepare_out_dir(out_dir: str | None, src: Path, suffix: str) -> Path:
     return out
 
 
-def selected_tokenizer(args: argparse.Namespace) -> Any:
-    """The --tokenizer_path tokenizer, or a one-line error saying where to get one."""
-    try:
-        return load_tokenizer(resolve(args.tokenizer_path))
-    except TokenizerNotFoundError as e:
-        raise ModelLoadError(str(e)) from None
-
-
 def to_llava(args: argparse.Namespace) -> Path:
     src, config, model = load_native(args, "to_llava")
     state = lm_and_proj_state(model)
@@ -118,7 +109,7 @@ def to_llava(args: argparse.Namespace) -> Path:
         encoder = load_vision_encoder(resolve(args.vision_model_path))
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ModelLoadError(f"--vision_model_path: {e}") from None
-    tokenizer = selected_tokenizer(args)
+    tokenizer = tokenizer_or_error(args.tokenizer_path)
     processor = build_processor(tokenizer, config)
     model = build_llava(config, state, encoder)
     out = prepare_out_dir(args.out_dir, src, "-llava")
@@ -132,7 +123,7 @@ def to_llava(args: argparse.Namespace) -> Path:
 def to_llama(args: argparse.Namespace) -> Path:
     src, config, model = load_native(args, "to_llama")
     state = lm_and_proj_state(model)
-    tokenizer = selected_tokenizer(args)
+    tokenizer = tokenizer_or_error(args.tokenizer_path)
     model = build_llama(config, state)
     out = prepare_out_dir(args.out_dir, src, "-llama")
     model.save_pretrained(str(out))
