@@ -125,6 +125,11 @@ def last_slot_end(ids: torch.Tensor, image_id: int, slot_len: int) -> tuple[int,
     return n, end
 
 
+def default_image_root(data_path: Path) -> Path:
+    """Where a .jsonl data file's images are when no folder is given: images/ next to it."""
+    return Path(data_path).parent / "images"
+
+
 class VLMDataset(Dataset):
     """Rows of a MiniMind-V data file (.parquet: `conversations` + `image_bytes`; .jsonl:
     `conversations` + `image` names under `image_root`) as training items:
@@ -146,7 +151,7 @@ class VLMDataset(Dataset):
         self.rows = RowStore(self.path, cache_dir)
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.max_length = max_length
-        self.image_root = Path(image_root) if image_root else self.path.parent / "images"
+        self.image_root = Path(image_root) if image_root else default_image_root(self.path)
         self.header, self.closer = assistant_markers(self.tokenizer)
         self._lengths: np.ndarray | None = None
         self._bad: dict[int, str] = {}  # row -> kind, per process: each bad row is decoded and logged once

@@ -203,7 +203,8 @@ def check_prerequisites(args: argparse.Namespace, files: RunFiles) -> None:
     if not data.is_file():
         problems.append(f"data: {data} not found (python scripts/download.py data, or --data_path FILE)")
     elif data.suffix == ".jsonl":
-        images = resolve(args.images_path) if args.images_path else data.parent / "images"
+        from dataset.lm_dataset import default_image_root
+        images = resolve(args.images_path) if args.images_path else default_image_root(data)
         if not images.is_dir():
             problems.append(f"images: {images} not found (the image folder of {data.name}: --images_path DIR)")
     clip = resolve(args.vision_model_path)
